@@ -1,0 +1,31 @@
+// CUDA kernel launchers: plain pointers, sizes and a stream, no torch types. Each returns the launch
+// status (cudaGetLastError after the launch) so the op layer can turn a failure into an exception.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "ggfuse/formats.h"
+#include "ggfuse/kernels_cpu.h"  // FloatType
+
+namespace ggfuse {
+namespace cuda {
+
+cudaError_t quantize_q8_1(const void* x, FloatType x_type, int64_t rows, int64_t k, uint8_t* out,
+                          cudaStream_t stream);
+
+cudaError_t rms_norm_mul_q8_1(const void* x, FloatType x_type, const void* w, FloatType w_type,
+                              int64_t rows, int64_t k, float eps, uint8_t* out, void* y_out,
+                              cudaStream_t stream);
+
+cudaError_t dequantize(int32_t type, const uint8_t* src, int64_t rows, int64_t k, float* dst,
+                       cudaStream_t stream);
+
+// out [batch, n_out] float32; the table's segments write columns [row_begin, row_begin + rows).
+cudaError_t mat_vec_q8_1(const uint8_t* weight, const SegmentTable& table, int64_t k,
+                         const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out,
+                         cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace ggfuse
