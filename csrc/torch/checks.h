@@ -70,9 +70,8 @@ inline void check_norm_weight(const at::Tensor& x, const at::Tensor& w, double e
 }
 
 inline std::string qtype_label(int64_t qtype) {
-  const int32_t t = static_cast<int32_t>(qtype);
-  if (block_values(t) == 0) return "GGML type " + std::to_string(qtype);
-  return std::string(type_name(t)) + " (GGML type " + std::to_string(qtype) + ")";
+  return std::string(type_name(static_cast<int32_t>(qtype))) + " (GGML type " +
+         std::to_string(qtype) + ")";
 }
 
 // w [..., row_bytes] uint8 of `qtype` -> K (values per row).
