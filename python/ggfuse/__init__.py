@@ -29,3 +29,9 @@ __all__ = [
     "QUANTIZE_TYPES",
     "DEQUANTIZE_TYPES",
 ]
+
+from .loader import (  # noqa: E402
+    FusedGroup, FusionReportRow, GGUFError, GGUFModel, HParams, QuantizedTensor, load_gguf)
+
+__all__ += ["FusedGroup", "FusionReportRow", "GGUFError", "GGUFModel", "HParams", "QuantizedTensor",
+            "load_gguf"]
