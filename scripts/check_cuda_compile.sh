@@ -27,6 +27,14 @@ if [ -f csrc/torch/ops_cuda.cpp ]; then
   echo "host compile with CUDA and torch headers: csrc/torch/ops_cuda.cpp"
   inc=$("$PY" -c "from torch.utils import cpp_extension; print(' '.join('-isystem ' + p for p in cpp_extension.include_paths()))")
   abi=$("$PY" -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))")
+  # A CPU-only torch ships c10/cuda's headers but not the one CMake generates for CUDA builds; it
+  # only says how c10_cuda was linked, so supply it (as a CUDA build of torch has it) for this check.
+  has_macros=$("$PY" -c "from torch.utils import cpp_extension; import os; print(any(os.path.exists(os.path.join(p, 'c10/cuda/impl/cuda_cmake_macros.h')) for p in cpp_extension.include_paths()))")
+  if [ "$has_macros" != True ]; then
+    mkdir -p "$out/include/c10/cuda/impl"
+    printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' >"$out/include/c10/cuda/impl/cuda_cmake_macros.h"
+    inc="$inc -isystem $out/include"
+  fi
   # shellcheck disable=SC2086
   "$NVCC" -std=c++17 -x c++ -Xcompiler=-Wall -Icsrc $inc -DGGFUSE_WITH_CUDA -DUSE_CUDA \
     -D_GLIBCXX_USE_CXX11_ABI="$abi" -c csrc/torch/ops_cuda.cpp -o "$out/ops_cuda.o"

@@ -24,14 +24,8 @@ Q8_1_STEP_BOUND = 0.5 + 127 * 2.0 ** -11 + 1e-3
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs():
-    """New tensors (and so every op output) start as NaN / 255 while a test runs."""
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(prev)
+# New tensors, and so every op output, start as NaN / 255 while a test runs (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 
 def test_poisoning_is_active():

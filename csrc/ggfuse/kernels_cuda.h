@@ -27,5 +27,15 @@ cudaError_t mat_vec_q8_1(const uint8_t* weight, const SegmentTable& table, int64
                          const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out,
                          cudaStream_t stream);
 
+// rms_norm_mul_q8_1 fused into mat_vec_q8_1 for batch <= 8: every CTA of the mat-vec normalizes and
+// quantizes x [batch, k] itself (into shared memory: the bytes rms_norm_mul_q8_1 writes), so one
+// launch replaces two. Returns cudaErrorNotSupported, having launched nothing, when batch > 8, the
+// activations do not fit in shared memory, or GGFUSE_FUSED_NORM=1 is not set (the two kernels chained
+// by PDL measured faster); the caller then runs the two kernels.
+cudaError_t rms_norm_mat_vec_q8_1(const void* x, FloatType x_type, const void* norm_w, FloatType w_type,
+                                  float eps, const uint8_t* weight, const SegmentTable& table,
+                                  int64_t k, int64_t batch, float* out, int64_t n_out,
+                                  cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace ggfuse

@@ -121,6 +121,18 @@ at::Tensor mat_vec_q8_1_cpu(const at::Tensor& x_q8, const at::Tensor& weight, at
   return out;
 }
 
+// rms_norm_mul_q8_1 then mat_vec_q8_1 in one op (the CUDA implementation fuses them into one kernel);
+// x [..., K] -> out [..., sum(rows)].
+at::Tensor rms_norm_mat_vec_q8_1_cpu(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
+                                     const at::Tensor& weight, at::IntArrayRef qtypes,
+                                     at::IntArrayRef rows, at::IntArrayRef offsets) {
+  const at::Tensor x_q8 = rms_norm_mul_q8_1_cpu(x, norm_weight, eps);
+  const at::Tensor out = mat_vec_q8_1_cpu(x_q8.reshape({-1, x_q8.size(-1)}), weight, qtypes, rows, offsets);
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = out.size(1);
+  return out.reshape(shape);
+}
+
 }  // namespace
 }  // namespace ops
 }  // namespace ggfuse
@@ -132,6 +144,8 @@ TORCH_LIBRARY(ggfuse, m) {
   m.def("dequantize(Tensor w, int qtype) -> Tensor");
   m.def("quantize(Tensor x, int qtype) -> Tensor");
   m.def("mat_vec_q8_1(Tensor x_q8, Tensor weight, int[] qtypes, int[] rows, int[] offsets) -> Tensor");
+  m.def("rms_norm_mat_vec_q8_1(Tensor x, Tensor norm_weight, float eps, Tensor weight, int[] qtypes, "
+        "int[] rows, int[] offsets) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ggfuse, CPU, m) {
@@ -142,4 +156,5 @@ TORCH_LIBRARY_IMPL(ggfuse, CPU, m) {
   m.impl("dequantize", &dequantize_cpu);
   m.impl("quantize", &quantize_cpu);
   m.impl("mat_vec_q8_1", &mat_vec_q8_1_cpu);
+  m.impl("rms_norm_mat_vec_q8_1", &rms_norm_mat_vec_q8_1_cpu);
 }

@@ -46,18 +46,37 @@ class FusedQuantLinear(torch.nn.Module):
         super().__init__()
         if not members:
             raise ValueError("FusedQuantLinear needs at least one member")
-        self.names: tuple[str, ...] = tuple(str(m[0]) for m in members)
+        names = [str(m[0]) for m in members]
+        weights = [_as_byte_rows(n, m[1]) for n, m in zip(names, members)]
+        target = torch.device(device) if device is not None else weights[0].device
+        self._init_layout([(n, w.shape[0], w.shape[1], m[2]) for n, w, m in zip(names, weights, members)],
+                          target)
+        for i, w in enumerate(weights):
+            self.fill_member(i, w)
+
+    @classmethod
+    def empty(cls, specs: Sequence[tuple], device: torch.device | str) -> "FusedQuantLinear":
+        """The layout of `specs = [(name, rows, row_bytes, qtype), ...]` with unfilled buffers on
+        `device`; fill each member with `fill_member` (the GGUF loader streams file bytes this way)."""
+        obj = cls.__new__(cls)
+        torch.nn.Module.__init__(obj)
+        obj._init_layout(specs, torch.device(device))
+        return obj
+
+    def _init_layout(self, specs: Sequence[tuple], device: torch.device) -> None:
+        if not specs:
+            raise ValueError("FusedQuantLinear needs at least one member")
+        self.names: tuple[str, ...] = tuple(str(s[0]) for s in specs)
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"member names must be unique, got {self.names}")
-        self.qtypes: tuple[GGMLQuantizationType, ...] = tuple(as_qtype(m[2]) for m in members)
-        weights = [_as_byte_rows(n, m[1]) for n, m in zip(self.names, members)]
-        ks = [values_per_row(t, w.shape[1]) for t, w in zip(self.qtypes, weights)]
+        self.qtypes: tuple[GGMLQuantizationType, ...] = tuple(as_qtype(s[3]) for s in specs)
+        self.out_features: tuple[int, ...] = tuple(int(s[1]) for s in specs)
+        self._row_bytes: tuple[int, ...] = tuple(int(s[2]) for s in specs)
+        ks = [values_per_row(t, rb) for t, rb in zip(self.qtypes, self._row_bytes)]
         if len(set(ks)) != 1:
             raise ValueError("members must have the same input features K, got "
                              + ", ".join(f"{n}: {k}" for n, k in zip(self.names, ks)))
         self.in_features: int = ks[0]
-        self.out_features: tuple[int, ...] = tuple(int(w.shape[0]) for w in weights)
-        target = torch.device(device) if device is not None else weights[0].device
 
         # Segments of the fused buffer, and fallback members kept as float weights.
         self.seg_members: list[int] = []
@@ -66,26 +85,45 @@ class FusedQuantLinear(torch.nn.Module):
         self.seg_offsets: list[int] = []
         self.fallbacks: dict[str, str] = {}
         total = 0
-        for i, (t, w) in enumerate(zip(self.qtypes, weights)):
+        for i, (t, rows, rb) in enumerate(zip(self.qtypes, self.out_features, self._row_bytes)):
             if t in MAT_VEC_TYPES:
                 total = -(-total // SEGMENT_ALIGN) * SEGMENT_ALIGN
                 self.seg_members.append(i)
                 self.seg_qtypes.append(int(t))
-                self.seg_rows.append(int(w.shape[0]))
+                self.seg_rows.append(rows)
                 self.seg_offsets.append(total)
-                total += w.numel()
+                total += rows * rb
             else:
                 self.fallbacks[self.names[i]] = f"{t.name} has no Q8_1 mat-vec kernel: float matmul"
-        buffer = torch.empty(total, dtype=torch.uint8, device=target)
-        for i, off in zip(self.seg_members, self.seg_offsets):
-            w = weights[i]
-            buffer[off:off + w.numel()].copy_(w.reshape(-1), non_blocking=False)
-        self.register_buffer("weight", buffer)
-        self._fallback_index: list[int] = [i for i in range(len(weights)) if i not in self.seg_members]
+        self.register_buffer("weight", torch.empty(total, dtype=torch.uint8, device=device))
+        self._fallback_index: list[int] = [i for i in range(len(specs)) if i not in self.seg_members]
         for i in self._fallback_index:
-            self.register_buffer(f"fallback_{i}", _dequantize_float(weights[i], self.qtypes[i]).to(target))
-        # Output columns of each member: a permutation only when fallbacks sit between segments.
-        self._fused_in_order = self.seg_members == list(range(len(self.seg_members)))
+            self.register_buffer(f"fallback_{i}", torch.empty(self.out_features[i], self.in_features,
+                                                              dtype=torch.float32, device=device))
+
+    def member_storage(self, i: int) -> torch.Tensor:
+        """Where member i lives: its bytes in the fused buffer (uint8 [rows * row_bytes]), or for a
+        fallback member its dequantized float32 weight [rows, K]."""
+        if i in self.seg_members:
+            off = self.seg_offsets[self.seg_members.index(i)]
+            return self.weight[off:off + self.out_features[i] * self._row_bytes[i]]
+        return getattr(self, f"fallback_{i}")
+
+    def fill_member(self, i: int, rows: torch.Tensor | np.ndarray, row_begin: int = 0) -> None:
+        """Copy GGUF rows `rows` (uint8 [n, row_bytes]) of member i into place at row `row_begin`,
+        dequantizing them when the member is a fallback."""
+        rows = _as_byte_rows(self.names[i], rows)
+        n = rows.shape[0]
+        if rows.shape[1] != self._row_bytes[i] or not 0 <= row_begin <= self.out_features[i] - n:
+            raise ValueError(f"member {self.names[i]!r}: rows [{row_begin}, {row_begin + n}) of "
+                             f"{rows.shape[1]} bytes do not fit its {self.out_features[i]} rows of "
+                             f"{self._row_bytes[i]} bytes")
+        dest = self.member_storage(i)
+        if i in self.seg_members:
+            rb = self._row_bytes[i]
+            dest[row_begin * rb:(row_begin + n) * rb].copy_(rows.reshape(-1))
+        else:
+            dest[row_begin:row_begin + n].copy_(_dequantize_float(rows, self.qtypes[i]))
 
     @property
     def total_out_features(self) -> int:
@@ -122,7 +160,10 @@ class FusedQuantLinear(torch.nn.Module):
         if self._fallback_index:
             x_q8, h = ops.rms_norm_mul_q8_1(x, norm_weight, eps, return_float=True)
             return self._project(x_q8, h)
-        return self._project(ops.rms_norm_mul_q8_1(x, norm_weight, eps), None)
+        # One op for norm + fused mat-vec (on CUDA: two kernels chained by programmatic dependent launch,
+        # or one with GGFUSE_FUSED_NORM=1; docs/PERFORMANCE.md).
+        return ops.rms_norm_mat_vec_q8_1(x, norm_weight, eps, self.weight, self.seg_qtypes, self.seg_rows,
+                                         self.seg_offsets)
 
     def _project(self, x_q8: torch.Tensor, x_float: torch.Tensor | None) -> torch.Tensor:
         lead = x_q8.shape[:-1]

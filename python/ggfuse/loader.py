@@ -1178,37 +1178,18 @@ def _resolve_device(device) -> torch.device:
 def _group_on_device(plan: _GroupPlan, reader_tensors: dict, device: torch.device,
                      copier: _ChunkedFileCopier, chunk_bytes: int) -> FusedGroup:
     group = FusedGroup(plan)
-    # The fused layout (segment offsets, fallback buffers) is decided by FusedQuantLinear itself on
-    # the meta device, so that no byte is read or allocated yet; the buffers are then allocated on
-    # the target device and filled straight from the file. Types FusedQuantLinear dequantizes with
-    # gguf-py need real bytes even for the layout, so they are passed as (zero-copy) CPU views.
-    stand_ins = []
-    for m in plan.members:
-        rows_cpu = reader_tensors[m.name].data
-        if m.qtype in DEQUANTIZE_TYPES:
-            w = torch.empty((m.rows, m.span.nbytes // m.rows), dtype=torch.uint8, device="meta")
-        else:
-            w = torch.from_numpy(rows_cpu.view(np.uint8).reshape(m.rows, -1))
-        stand_ins.append((m.name, w, m.qtype))
-    linear = FusedQuantLinear(stand_ins, device="meta")
-    # Allocate the real buffers with plain torch.empty: Module.to_empty goes through torch's Python
-    # reference of empty_like, whose first use imports sympy (over a second on a fresh process).
-    for name, buf in list(linear.named_buffers(recurse=False)):
-        setattr(linear, name, torch.empty(buf.shape, dtype=buf.dtype, device=device))
-
-    # Fused segments: file bytes into the device buffer, chunk by chunk.
-    for index, offset in zip(linear.seg_members, linear.seg_offsets):
-        m = plan.members[index]
-        copier.copy(m.span.offset, m.span.nbytes, linear.weight[offset:offset + m.span.nbytes])
-    # Fallback members: dequantized float rows, a bounded block of rows at a time.
+    # Buffers are allocated on the target device first and filled straight from the file: fused
+    # segments by streamed byte copies, fallback members a bounded block of rows at a time.
+    linear = FusedQuantLinear.empty(
+        [(m.name, m.rows, m.span.nbytes // m.rows, m.qtype) for m in plan.members], device)
     for index, m in enumerate(plan.members):
         if index in linear.seg_members:
+            copier.copy(m.span.offset, m.span.nbytes, linear.member_storage(index))
             continue
-        dest = getattr(linear, f"fallback_{index}")
         rows_np = reader_tensors[m.name].data.view(np.uint8).reshape(m.rows, -1)
         step = max(1, chunk_bytes // (4 * plan.in_features))
         for r in range(0, m.rows, step):
-            dest[r:r + step].copy_(_float_rows(rows_np[r:r + step], m.qtype))
+            linear.fill_member(index, rows_np[r:r + step], row_begin=r)
         copier.on_bytes(m.span.nbytes)
     group.linear = linear
 

@@ -54,6 +54,17 @@ def mat_vec_q8_1(x_q8: torch.Tensor, weight: torch.Tensor, qtypes: Sequence, row
                              [int(r) for r in rows], [int(o) for o in offsets])
 
 
+def rms_norm_mat_vec_q8_1(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                          qtypes: Sequence, rows: Sequence[int], offsets: Sequence[int]) -> torch.Tensor:
+    """`mat_vec_q8_1(rms_norm_mul_q8_1(x, norm_weight, eps), weight, ...)` as one op: x [..., K] ->
+    float32 [..., sum(rows)], one dispatch instead of two. On CUDA the norm kernel and the mat-vec are
+    chained by programmatic dependent launch; with GGFUSE_FUSED_NORM=1, up to 8 rows run as a single
+    kernel that normalizes x in every thread block (measured slower today: docs/PERFORMANCE.md)."""
+    return _ops.rms_norm_mat_vec_q8_1(x, norm_weight, float(eps), weight,
+                                      [int(as_qtype(t)) for t in qtypes], [int(r) for r in rows],
+                                      [int(o) for o in offsets])
+
+
 # ---- fake implementations: output shapes and dtypes only, for torch.compile and meta tensors ----
 
 @torch.library.register_fake("ggfuse::quantize_q8_1")
@@ -90,4 +101,10 @@ def _mat_vec_q8_1_fake(x_q8, weight, qtypes, rows, offsets):
     return x_q8.new_empty((x_q8.shape[0], sum(rows)), dtype=torch.float32)
 
 
-__all__ = ["quantize_q8_1", "rms_norm_mul_q8_1", "dequantize", "quantize", "mat_vec_q8_1"]
+@torch.library.register_fake("ggfuse::rms_norm_mat_vec_q8_1")
+def _rms_norm_mat_vec_q8_1_fake(x, norm_weight, eps, weight, qtypes, rows, offsets):
+    return x.new_empty((*x.shape[:-1], sum(rows)), dtype=torch.float32)
+
+
+__all__ = ["quantize_q8_1", "rms_norm_mul_q8_1", "dequantize", "quantize", "mat_vec_q8_1",
+           "rms_norm_mat_vec_q8_1"]

@@ -1,0 +1,134 @@
+// Device helpers shared by the CUDA kernels: programmatic dependent launch (PDL), cp.async, bulk L2
+// prefetch, fp16 conversion, and the launch helper that attaches the PDL attribute.
+//
+// PDL contract of every ggfuse kernel (see launch_kernel below):
+//   * each kernel calls grid_dependency_wait() before it reads any input other than a quantized
+//     weight buffer and before it writes anything, so it never sees a half-written input and never
+//     overwrites memory an earlier kernel still reads;
+//   * each kernel calls allow_dependent_launch() first thing, so the next ggfuse kernel in the stream
+//     can be scheduled while this one (and the one before it) runs; the only work any ggfuse kernel
+//     does before its own wait is reading quantized weight bytes, which no ggfuse kernel ever writes
+//     (a torch kernel that writes them does not trigger early, so it has finished by then);
+//   * a kernel launched without the attribute (or after a kernel that never triggers) simply starts
+//     after its predecessor finished, and the wait returns at once.
+// Torch-free on purpose: these are compiled by nvcc only.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+namespace ggfuse {
+namespace cuda {
+
+// ---- programmatic dependent launch (sm_90+; no-ops on older targets) ----
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// ---- cp.async (sm_80+): 16-byte global -> shared copies that bypass registers and L1 ----
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+// cp.async.wait_group takes an immediate; the stage count is a run-time value (2..4).
+__device__ __forceinline__ void cp_async_wait_dyn(int pending) {
+  switch (pending) {
+    case 0: cp_async_wait<0>(); break;
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    default: cp_async_wait<3>(); break;
+  }
+}
+
+// ---- bulk prefetch of a byte range into L2 (sm_90 copy engine; nothing on older targets) ----
+// addr must be 16-byte aligned and bytes a multiple of 16.
+__device__ __forceinline__ void prefetch_l2_bulk(const void* addr, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(addr), "r"(bytes) : "memory");
+#endif
+}
+
+// ---- small loads ----
+// fp16 bits -> float through the hardware conversion: exact, so identical to formats.h's
+// fp16_to_float (which the CPU uses), but one instruction instead of a dozen.
+__device__ __forceinline__ float h2f(uint32_t bits16) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits16 & 0xffffu)));
+}
+__device__ __forceinline__ uint32_t lds32(const uint8_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// ---- host side ----
+// A device attribute, cached per (device, attribute) since launches ask on every call; 0 on error.
+inline int device_attribute(int device, cudaDeviceAttr attr) {
+  constexpr int kMaxDevices = 64;
+  constexpr int kSlots = 4;
+  static const cudaDeviceAttr kCached[kSlots] = {
+      cudaDevAttrComputeCapabilityMajor, cudaDevAttrMultiProcessorCount, cudaDevAttrL2CacheSize,
+      cudaDevAttrMaxSharedMemoryPerBlockOptin};
+  static int cache[kMaxDevices][kSlots] = {};  // 0 = not read yet (no attribute here is 0 on a GPU)
+  int slot = -1;
+  for (int i = 0; i < kSlots; ++i) {
+    if (kCached[i] == attr) slot = i;
+  }
+  if (slot >= 0 && device >= 0 && device < kMaxDevices && cache[device][slot] != 0) {
+    return cache[device][slot];
+  }
+  int value = 0;
+  if (cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess) {
+    (void)cudaGetLastError();  // leave no sticky error behind for the launch check
+    return 0;
+  }
+  if (slot >= 0 && device >= 0 && device < kMaxDevices) cache[device][slot] = value;
+  return value;
+}
+
+// Whether launches carry the PDL attribute: on for sm_90+, off with GGFUSE_PDL=0 (for comparisons).
+inline bool pdl_enabled(int device) {
+  static const bool env_on = [] {
+    const char* e = std::getenv("GGFUSE_PDL");
+    return !(e != nullptr && std::strcmp(e, "0") == 0);
+  }();
+  if (!env_on) return false;
+  return device_attribute(device, cudaDevAttrComputeCapabilityMajor) >= 9;
+}
+
+// Launches kernel<<<grid, block, smem, stream>>>(args...) with the programmatic-stream-serialization
+// attribute when PDL is enabled, and returns the launch status.
+template <typename... KArgs, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                          cudaStream_t stream, Args&&... args) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = pdl_enabled(device) ? 1 : 0;
+  err = cudaLaunchKernelEx(&config, kernel, static_cast<KArgs>(args)...);
+  if (err != cudaSuccess) return err;
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace ggfuse

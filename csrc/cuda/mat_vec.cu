@@ -1,0 +1,946 @@
+// Fused multi-segment quantized mat-vec with Q8_1 activations on CUDA (SPEC §2, §3).
+//
+// Design (docs/PERFORMANCE.md has the measurements behind each choice):
+//   * Integer tensor cores. A tile of 16 weight rows x 32 values (one block / sub-block) is the A
+//     operand of an int8 mma.m16n8k32 and up to 8 activation rows (the batch) are its B operand, so
+//     the per-block integer dot products of SPEC §2 come out exact in int32, for every batch row at
+//     once, in one instruction; Q6_K's 16-value scale groups use mma.m16n8k16. The integer results
+//     are combined with the scales by decode.h's dot_* formulas, the ones the CPU uses.
+//   * One launch covers every segment of the fused weight: the rows are cut into tiles of 16 over
+//     all segments, and CTA i (one per SM) takes the tiles whose first byte falls in the i-th equal
+//     share of the weight bytes (a Q6_K tile costs 1.46x a Q4_K one). Every tile's type comes from
+//     the segment table passed by value (graph-capturable, no device-side metadata).
+//   * Inside a CTA the 16 warps split the K steps (256 values each) and, when a CTA has many tiles,
+//     the tiles too. A warp loads the activations of its step into registers once (B fragments,
+//     scales, sums) and reuses them for every tile of the CTA; its partial sums land in a shared
+//     slot per (tile, K group), summed in a fixed order at the end: results are deterministic.
+//   * Weight bytes stream with 16-byte cp.async into a per-warp ring of 2-4 shared-memory stages of
+//     16 rows x 256 values, so many loads are in flight without holding registers. Rows that are not
+//     16-byte aligned (Q6_K's 210-byte blocks, Q4_0 with K not a multiple of 256, ...) are copied as
+//     the enclosing 16-byte granules and read back at their offset; the one granule that would cross
+//     the end of a segment is copied byte by byte, so nothing outside the segment is read.
+//   * Before waiting for the kernel that produces x (PDL, see common.cuh) each warp issues the copies
+//     of its first weight stage, so the weight stream overlaps the norm kernel and the previous
+//     layer's tail. (A bulk L2 prefetch of each CTA's whole range is available, GGFUSE_MV_PREFETCH=1,
+//     but measured slower; so were deeper stage rings.)
+//   * rms_norm_mat_vec_q8_1 can also run the norm inside this kernel (every CTA quantizes x into
+//     shared memory, in the standalone norm kernel's order); with PDL the separate norm kernel
+//     measured faster, so that is behind GGFUSE_FUSED_NORM=1.
+// Batches above 8 are processed 8 rows per launch.
+#include <algorithm>
+#include <cstdlib>
+
+#include "common.cuh"
+#include "ggfuse/decode.h"
+#include "ggfuse/kernels_cuda.h"
+#include "norm.cuh"
+
+namespace ggfuse {
+namespace cuda {
+namespace {
+
+constexpr int kWarps = 16;
+constexpr int kThreads = kWarps * 32;
+constexpr int kTileRows = 16;      // the M of the MMA
+constexpr int kStepValues = 256;   // K values per item: one super-block, or 8 blocks of 32
+constexpr int kStepBlocks = kStepValues / kQK;
+constexpr int kMaxCols = 8;        // batch rows per launch (the N of the MMA)
+constexpr int kMaxPartialBytes = 64 * 1024;
+constexpr int kScratchFloats = 256;  // per warp: one item's scales as floats (16 groups x 16 rows)
+constexpr uint32_t kNibbles = 0x0F0F0F0Fu;
+constexpr uint32_t kOnes = 0x01010101u;
+
+// Shared-memory bytes per row of a stage, per type: room for the 16-byte granules that enclose 256
+// values of a row starting at any even offset, and = 16 (mod 32) so that the 8 rows read by one
+// fragment load fall in different banks.
+__host__ __device__ constexpr int stage_row_stride(int32_t type) {
+  return type == kQ4_0 ? 176    // 144 bytes, up to 10 granules
+       : type == kQ5_0 ? 208    // 176 bytes, up to 12 granules
+       : type == kQ8_0 ? 304    // 272 bytes, up to 18 granules
+       : type == kQ4_K ? 144    // always 16-byte aligned: 9 granules
+       : type == kQ5_K ? 176    // always aligned: 11 granules
+       : type == kQ6_K ? 240    // 210 bytes, up to 14 granules
+       : 0;
+}
+template <int32_t kType>
+constexpr int max_granules() { return stage_row_stride(kType) / 16 - (kType == kQ4_K || kType == kQ5_K ? 0 : 1); }
+// Kernel variants by the set of types they handle: code for types a launch does not have only costs
+// registers (the all-types kernel spills a few at 128 per thread), so the common sets get their own.
+__host__ __device__ constexpr int type_bit(int32_t type) {
+  return type == kQ4_0 ? 1 : type == kQ5_0 ? 2 : type == kQ8_0 ? 4
+       : type == kQ4_K ? 8 : type == kQ5_K ? 16 : type == kQ6_K ? 32 : 0;
+}
+constexpr int kMaskKQuants = 8 | 16 | 32;   // Q4_K, Q5_K, Q6_K
+constexpr int kMaskBlocks32 = 1 | 2 | 4;    // Q4_0, Q5_0, Q8_0
+constexpr int kMaskAll = 63;
+
+template <int32_t kType>
+constexpr bool always_aligned() { return kType == kQ4_K || kType == kQ5_K; }
+template <int32_t kType>
+constexpr int type_block_bytes() {
+  return kType == kQ4_0 ? 18 : kType == kQ5_0 ? 22 : kType == kQ8_0 ? 34
+       : kType == kQ4_K ? 144 : kType == kQ5_K ? 176 : 210;
+}
+template <int32_t kType>
+constexpr bool is_k_quant() { return kType == kQ4_K || kType == kQ5_K || kType == kQ6_K; }
+static_assert(max_granules<kQ4_0>() * 16 >= 144 + 14 + 2, "Q4_0 stage row too small");
+static_assert(max_granules<kQ5_0>() * 16 >= 176 + 14, "Q5_0 stage row too small");
+static_assert(max_granules<kQ8_0>() * 16 >= 272 + 14, "Q8_0 stage row too small");
+static_assert(max_granules<kQ6_K>() * 16 >= 210 + 14, "Q6_K stage row too small");
+
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+struct SegDesc {
+  int64_t byte_offset;  // first row in the weight buffer
+  int64_t row_bytes;
+  int64_t cost_begin;   // weight bytes of all earlier segments (load balancing)
+  int32_t type;
+  int32_t rows;
+  int32_t col_begin;    // first output column
+  int32_t tile_begin;   // first global tile index
+};
+
+constexpr int kMaxGrid = 512;  // CTAs per launch (the grid is about one CTA per SM)
+
+struct Params {
+  SegDesc seg[kMaxSegments];
+  int32_t cta_tile[kMaxGrid + 1];  // CTA i owns tiles [cta_tile[i], cta_tile[i + 1]) (host-computed)
+  const uint8_t* weight;
+  const uint8_t* x;       // Q8_1 rows of this launch's batch
+  float* out;             // [batch, n_out] of this launch
+  int64_t x_row_bytes;    // K/32 * 36
+  int64_t total_cost;     // weight bytes of the launch
+  int32_t n_seg;
+  int32_t total_tiles;
+  int32_t steps;          // ceil(K / 256)
+  int32_t x_blocks;       // K / 32
+  int32_t batch;          // 1..8
+  int32_t n_out;
+  int32_t stages;         // 2..4
+  int32_t stage_bytes;    // one stage of one warp: 16 * max row stride of the launch's types
+  int32_t max_tiles;      // most tiles any CTA gets (sizes the tile table and partial slots)
+  int32_t k_groups;       // warps that split K (16 / k_groups tile groups)
+  uint32_t prefetch_cap;  // bytes of L2 prefetch per CTA (0: off)
+  // Fused norm (rms_norm_mat_vec_q8_1): every CTA turns x into the Q8_1 rows itself, in shared memory.
+  const void* norm_x;     // [batch, K] of x_type, or null: x above holds the Q8_1 rows
+  const void* norm_w;     // [K] of w_type
+  float eps;
+  int32_t norm_types;     // 3 * x_type + w_type (FloatType values)
+  int32_t norm_vec;       // bit 0: x may use 16-byte loads; bit 1: w may
+  int32_t norm_nthreads;  // norm_threads(K / 32): the reduction order of the standalone kernel
+  int32_t act_offset;     // shared-memory byte offsets of the Q8_1 rows and of the norm's scratch
+  int32_t red_offset;
+};
+
+struct TileInfo {
+  int32_t seg;
+  int32_t row0;        // first row of the tile within its segment
+  int32_t rows_valid;  // rows of the tile inside the segment (1..16)
+  int32_t pad;
+};
+
+// First tile whose starting cost is >= c: CTA i of g owns tiles [first(i*C/g), first((i+1)*C/g)).
+// Computed on the host into Params::cta_tile, so the kernel does no 64-bit division.
+int32_t first_tile_at(const Params& p, int64_t c) {
+  for (int s = 0; s < p.n_seg; ++s) {
+    const SegDesc& sd = p.seg[s];
+    const int64_t tile_cost = kTileRows * sd.row_bytes;
+    const int32_t n_tiles = (sd.rows + kTileRows - 1) / kTileRows;
+    if (c <= sd.cost_begin) return sd.tile_begin;
+    const int64_t last_start = sd.cost_begin + static_cast<int64_t>(n_tiles - 1) * tile_cost;
+    if (c <= last_start) {
+      return sd.tile_begin + static_cast<int32_t>((c - sd.cost_begin + tile_cost - 1) / tile_cost);
+    }
+  }
+  return p.total_tiles;
+}
+inline int64_t cta_cost_bound(const Params& p, int64_t cta, int64_t grid) {
+  return p.total_cost * cta / grid;
+}
+
+// Exact int -> float without the conversion unit (which queues behind shared-memory traffic on the
+// MIO pipe): for |v| < 2^22, v + 1.5 * 2^23 is a float of fixed exponent whose mantissa holds v, so
+// subtracting 1.5 * 2^23 leaves v exactly. Every integer converted here is far below 2^22.
+__device__ __forceinline__ float i2f_exact(int v) { return __int_as_float(v + 0x4B400000) - 12582912.0f; }
+__device__ __forceinline__ float u2f_exact(uint32_t v) {  // v < 2^23
+  return __uint_as_float(v | 0x4B000000u) - 8388608.0f;
+}
+// decode.h's dot_* formulas, with their integer sums handed in already converted (exactly) to float.
+__device__ __forceinline__ float dot_k_sub_f(float dsc, float dmn, float d_x, float sumi, float sumq) {
+  return d_x * (dsc * sumi - dmn * sumq);
+}
+__device__ __forceinline__ float dot_q6_k_sub_f(float dsc, float d_x, float sumi) { return d_x * (dsc * sumi); }
+__device__ __forceinline__ float dot_q4_0_f(float d_w, float d_x, float s_x, float sumi) {
+  return d_w * (d_x * sumi - 8.0f * s_x);
+}
+__device__ __forceinline__ float dot_q5_0_f(float d_w, float d_x, float s_x, float sumi) {
+  return d_w * (d_x * sumi - 16.0f * s_x);
+}
+__device__ __forceinline__ float dot_q8_0_f(float d_w, float d_x, float sumi) { return d_w * (d_x * sumi); }
+
+// Q5_0's fifth bits: 4 bits of x to bit 4 of each of 4 bytes (the shifted copies of x never overlap).
+__device__ __forceinline__ uint32_t spread4(uint32_t x) { return ((x * 0x00204081u) & kOnes) << 4; }
+// Four bytes 0..63 to q - 32 as signed bytes, with no borrow between bytes: (q + 128 - 32) ^ 128.
+__device__ __forceinline__ uint32_t minus32(uint32_t q) {
+  return ((q | 0x80808080u) - 0x20202020u) ^ 0x80808080u;
+}
+
+// A 32-bit word at byte `off` (even) of a 16-byte aligned shared-memory row: two aligned words and a
+// funnel shift. Offsets stay integers on a typed shared pointer, so the loads remain ld.shared.
+__device__ __forceinline__ uint32_t lds32u(const uint8_t* base, int off) {
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(base + (off & ~3));
+  return __funnelshift_r(w[0], w[1], static_cast<uint32_t>(off & 3) * 8u);
+}
+__device__ __forceinline__ uint32_t lds16at(const uint8_t* base, int off) {
+  return *reinterpret_cast<const uint16_t*>(base + off);
+}
+
+// D = A * B with C = 0 (the zero goes in as a register, so nothing is moved into the accumulators).
+__device__ __forceinline__ void mma_k32_z(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%10,%10,%10};\n"
+      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(0));
+}
+__device__ __forceinline__ void mma_k16_z(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t b) {
+  asm("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%7,%7,%7,%7};\n"
+      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+      : "r"(a0), "r"(a1), "r"(b), "r"(0));
+}
+
+// Fragment layout (PTX ISA, mma.m16n8k32 / m16n8k16 with .s8): lane = 4 * g + t.
+//   A: a[0] = row g, k 4t..4t+3; a[1] = row g+8, k 4t..; a[2] = row g, k 16+4t..; a[3] = row g+8, k 16+4t..
+//      (k16: a[0], a[1] only)
+//   B: b0 = k 4t..4t+3 of column g; b1 = k 16+4t.. of column g (k16: b0 only)
+//   C: c[0], c[1] = row g, columns 2t, 2t+1; c[2], c[3] = row g+8, columns 2t, 2t+1.
+// Any permutation of k applied to A and B alike leaves the result unchanged; the loads below use
+// each format's natural order, checked against gguf-py by the tests.
+
+// The activations of one K step (8 Q8_1 blocks) as this lane needs them, loaded once per step.
+template <int kCols>
+struct StepAct {
+  static constexpr int kC2 = kCols == 1 ? 1 : kStepBlocks;  // second epilogue column (2t + 1)
+  uint32_t b[kStepBlocks][2];  // B fragment of column g: qs[4t..4t+3] and qs[16+4t..16+4t+3]
+  uint32_t ds0[kStepBlocks];   // d | s << 16 of column 2t
+  float sq0[kStepBlocks];      // sum of the 32 quants of column 2t (the K-quants' min term)
+  uint32_t ds1[kC2];
+  float sq1[kC2];
+};
+
+template <int kCols>
+__device__ __forceinline__ void load_step(const Params& p, const uint8_t* xq, int step, int lane,
+                                          StepAct<kCols>& act) {
+  constexpr int kBQ = sizeof(BlockQ8_1);
+  const int g = lane >> 2, t = lane & 3;
+  const int last = p.batch - 1;
+  const int64_t blk0 = static_cast<int64_t>(step) * kStepBlocks * kBQ;
+  const uint8_t* xg = xq + min(g, last) * p.x_row_bytes + blk0;
+  const uint8_t* x0 = xq + min(2 * t, last) * p.x_row_bytes + blk0;
+  const uint8_t* x1 = xq + min(2 * t + 1, last) * p.x_row_bytes + blk0;
+  const int n_blocks = min(kStepBlocks, p.x_blocks - step * kStepBlocks);
+#pragma unroll
+  for (int j = 0; j < kStepBlocks; ++j) {
+    if (j < n_blocks) {
+      // Plain (generic) loads: xq is global memory, or shared memory when the CTA ran the norm.
+      act.b[j][0] = *reinterpret_cast<const uint32_t*>(xg + j * kBQ + 4 + 4 * t);
+      act.b[j][1] = *reinterpret_cast<const uint32_t*>(xg + j * kBQ + 20 + 4 * t);
+      act.ds0[j] = *reinterpret_cast<const uint32_t*>(x0 + j * kBQ);
+      if constexpr (kCols != 1) act.ds1[j] = *reinterpret_cast<const uint32_t*>(x1 + j * kBQ);
+    } else {  // past the end of a row whose K is not a multiple of 256: never used
+      act.b[j][0] = act.b[j][1] = act.ds0[j] = 0;
+      if constexpr (kCols != 1) act.ds1[j] = 0;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kStepBlocks; ++j) {
+    const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
+    int c[4];
+    mma_k32_z(c, ones, act.b[j][0], act.b[j][1]);  // every row: sum of column 2t's / 2t+1's quants
+    act.sq0[j] = i2f_exact(c[0]);
+    if constexpr (kCols != 1) act.sq1[j] = i2f_exact(c[1]);
+  }
+}
+
+// Byte range of step `step` within a row of type kType, and its blocks of 32 (all compile-time
+// constants but the tail of a 32-block type's row: no division at run time).
+template <int32_t kType>
+__device__ __forceinline__ void step_range(const Params& p, int step, int32_t* off, int32_t* bytes,
+                                           int* nb32) {
+  constexpr int bb = type_block_bytes<kType>();
+  if constexpr (is_k_quant<kType>()) {
+    *off = step * bb;
+    *bytes = bb;
+    *nb32 = kStepBlocks;
+  } else {
+    const int first = step * kStepBlocks;
+    *nb32 = min(kStepBlocks, p.x_blocks - first);
+    *off = first * bb;
+    *bytes = *nb32 * bb;
+  }
+}
+
+// Copies one item's 16 rows into a stage: lane = (row lane & 15, every other granule from lane >> 4).
+template <int32_t kType>
+__device__ __forceinline__ void issue_item_typed(const Params& p, const SegDesc& sd, const TileInfo& ti,
+                                                 int step, uint8_t* stage, int lane) {
+  constexpr int kStride = stage_row_stride(kType);
+  constexpr int kG = max_granules<kType>();
+  const int r = lane & 15, half = lane >> 4;
+  if (r >= ti.rows_valid) return;
+  int32_t off, bytes;
+  int nb32;
+  step_range<kType>(p, step, &off, &bytes, &nb32);
+  const int64_t start = sd.byte_offset + static_cast<int64_t>(ti.row0 + r) * sd.row_bytes + off;
+  const int64_t g0 = always_aligned<kType>() ? start : (start & ~int64_t{15});
+  const int n_gran = always_aligned<kType>() ? (bytes >> 4) : static_cast<int>((start + bytes - g0 + 15) >> 4);
+  const int64_t seg_end = sd.byte_offset + static_cast<int64_t>(sd.rows) * sd.row_bytes;
+  uint8_t* dst = stage + r * kStride;
+#pragma unroll
+  for (int m = 0; m < (kG + 1) / 2; ++m) {
+    const int gi = 2 * m + half;
+    if (gi < n_gran) {
+      const int64_t src = g0 + 16 * gi;
+      if (always_aligned<kType>() || src + 16 <= seg_end) {
+        cp_async_16(dst + 16 * gi, p.weight + src);
+      } else {
+        // The granule that runs past the end of the segment (its last row, when the segment does
+        // not end on a 16-byte boundary): the bytes inside it, one by one. Rare, and never read past.
+        for (int64_t i = 0; i < seg_end - src; ++i) dst[16 * gi + i] = p.weight[src + i];
+      }
+    }
+  }
+}
+
+template <int kMask>
+__device__ __forceinline__ void issue_item(const Params& p, const TileInfo& ti, int step, uint8_t* stage,
+                                           int lane) {
+  const SegDesc& sd = p.seg[ti.seg];
+  switch (sd.type) {
+    case kQ4_0: if constexpr (kMask & 1) issue_item_typed<kQ4_0>(p, sd, ti, step, stage, lane); break;
+    case kQ5_0: if constexpr (kMask & 2) issue_item_typed<kQ5_0>(p, sd, ti, step, stage, lane); break;
+    case kQ8_0: if constexpr (kMask & 4) issue_item_typed<kQ8_0>(p, sd, ti, step, stage, lane); break;
+    case kQ4_K: if constexpr (kMask & 8) issue_item_typed<kQ4_K>(p, sd, ti, step, stage, lane); break;
+    case kQ5_K: if constexpr (kMask & 16) issue_item_typed<kQ5_K>(p, sd, ti, step, stage, lane); break;
+    case kQ6_K: if constexpr (kMask & 32) issue_item_typed<kQ6_K>(p, sd, ti, step, stage, lane); break;
+    default: break;
+  }
+}
+
+// Where row `row` of the item starts inside its first granule (0 for the always-aligned types).
+template <int32_t kType>
+__device__ __forceinline__ int row_offset(const SegDesc& sd, const TileInfo& ti, int row, int32_t off) {
+  if constexpr (always_aligned<kType>()) {
+    return 0;
+  } else {
+    return static_cast<int>((sd.byte_offset + static_cast<int64_t>(ti.row0 + row) * sd.row_bytes + off) & 15);
+  }
+}
+
+// One item: 16 rows x 256 values of one segment, dotted with the step's activations. r[0..3] get
+// (row g, col 2t), (row g, col 2t+1), (row g+8, col 2t), (row g+8, col 2t+1).
+//
+// Phase 1 turns the item's per-row scales into floats once, in the warp's scratch (lane = row
+// lane & 15, half lane >> 4 of the sub-blocks): the MMA layout gives each lane two rows and every
+// sub-block, so decoding them in place would repeat the work four times over. The float products
+// are the CPU's (d * float(sc), dmin * float(m), d * float(scale)); Q4_K/Q5_K's 6-bit scales are
+// unpacked four at a time with word operations equivalent to k_scale_min (formats.h).
+// Phase 2 builds the A fragments, runs the MMAs and applies decode.h's dot_* formulas.
+template <int32_t kType, int kCols>
+__device__ __forceinline__ void compute_item_typed(const Params& p, const SegDesc& sd, const TileInfo& ti,
+                                                   int step, const uint8_t* stage, float* scratch,
+                                                   const StepAct<kCols>& act, int lane, float (&r)[4]) {
+  constexpr int kStride = stage_row_stride(kType);
+  constexpr bool kOneCol = kCols == 1;  // batch 1: only column 0 (lanes t == 0) matters
+  const int g = lane >> 2, t = lane & 3;
+  int32_t off, bytes;
+  int nb32;
+  step_range<kType>(p, step, &off, &bytes, &nb32);
+
+  // ---- phase 1: scales -> scratch, laid out [group][g][row g, row g + 8] ----
+  {
+    const int sr = lane & 15, sh = lane >> 4;
+    const uint8_t* sb = stage + sr * kStride;
+    const int so = row_offset<kType>(sd, ti, sr, off);
+    const int slot = (sr & 7) * 2 + (sr >> 3);  // within a group: [g][row half]
+    if constexpr (kType == kQ4_K || kType == kQ5_K) {
+      const uint4 hd = *reinterpret_cast<const uint4*>(sb);  // d, dmin, scales[0..11]
+      const float d = h2f(hd.x), dmin = h2f(hd.x >> 16);
+      // k_scale_min for sub-blocks 4sh..4sh+3: j < 4 from bytes 0-7; j >= 4 mixes bytes 8-11 (low
+      // and high nibbles) with the top two bits of bytes 0-3 (scales) and 4-7 (mins).
+      const uint32_t scv = sh == 0 ? (hd.y & 0x3F3F3F3Fu)
+                                   : ((hd.w & 0x0F0F0F0Fu) | ((hd.y >> 2) & 0x30303030u));
+      const uint32_t mv = sh == 0 ? (hd.z & 0x3F3F3F3Fu)
+                                  : (((hd.w >> 4) & 0x0F0F0F0Fu) | ((hd.z >> 2) & 0x30303030u));
+      float2* out = reinterpret_cast<float2*>(scratch);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int j = 4 * sh + i;
+        out[j * 16 + slot] = make_float2(d * u2f_exact((scv >> (8 * i)) & 0xffu),
+                                         dmin * u2f_exact((mv >> (8 * i)) & 0xffu));
+      }
+    } else if constexpr (kType == kQ6_K) {
+      const float d = h2f(lds16at(sb, so + 208));
+      const uint32_t w0 = lds32u(sb, so + 192 + 8 * sh), w1 = lds32u(sb, so + 196 + 8 * sh);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int sc = static_cast<int8_t>(((i < 4 ? w0 : w1) >> (8 * (i & 3))) & 0xffu);
+        scratch[(8 * sh + i) * 16 + slot] = d * i2f_exact(sc);
+      }
+    } else {
+      constexpr int bb = type_block_bytes<kType>();
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int bi = 4 * sh + i;
+        if (bi < nb32) scratch[bi * 16 + slot] = h2f(lds16at(sb, so + bb * bi));
+      }
+    }
+  }
+  __syncwarp();
+
+  // ---- phase 2: A fragments of rows g and g + 8, MMA, epilogue ----
+  const uint8_t* b0r = stage + g * kStride;
+  const uint8_t* b1r = stage + (g + 8) * kStride;
+  const int o0 = row_offset<kType>(sd, ti, g, off);
+  const int o1 = row_offset<kType>(sd, ti, g + 8, off);
+
+  if constexpr (kType == kQ4_K || kType == kQ5_K) {
+    constexpr int kQs = kType == kQ4_K ? 16 : 48;
+    uint32_t qh0a = 0, qh0b = 0, qh1a = 0, qh1b = 0;
+    if constexpr (kType == kQ5_K) {  // qh[l]: bit j is the fifth bit of value l of sub-block j
+      qh0a = lds32(b0r + 16 + 4 * t); qh0b = lds32(b0r + 32 + 4 * t);
+      qh1a = lds32(b1r + 16 + 4 * t); qh1b = lds32(b1r + 32 + 4 * t);
+    }
+    const float4* sc4 = reinterpret_cast<const float4*>(scratch);
+#pragma unroll
+    for (int pp = 0; pp < 4; ++pp) {
+      // qs[32pp + l]: low nibble = value l of sub-block 2pp, high nibble = value l of 2pp+1.
+      const uint32_t q0a = lds32(b0r + kQs + 32 * pp + 4 * t), q0b = lds32(b0r + kQs + 32 * pp + 16 + 4 * t);
+      const uint32_t q1a = lds32(b1r + kQs + 32 * pp + 4 * t), q1b = lds32(b1r + kQs + 32 * pp + 16 + 4 * t);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int j = 2 * pp + h;
+        uint32_t a[4] = {(q0a >> (4 * h)) & kNibbles, (q1a >> (4 * h)) & kNibbles,
+                         (q0b >> (4 * h)) & kNibbles, (q1b >> (4 * h)) & kNibbles};
+        if constexpr (kType == kQ5_K) {
+          a[0] |= ((qh0a >> j) & kOnes) << 4;
+          a[1] |= ((qh1a >> j) & kOnes) << 4;
+          a[2] |= ((qh0b >> j) & kOnes) << 4;
+          a[3] |= ((qh1b >> j) & kOnes) << 4;
+        }
+        int c[4];
+        mma_k32_z(c, a, act.b[j][0], act.b[j][1]);
+        const float4 s = sc4[j * 8 + g];  // dsc, dmn of row g; dsc, dmn of row g + 8
+        const float dx0 = h2f(act.ds0[j]);
+        r[0] += dot_k_sub_f(s.x, s.y, dx0, i2f_exact(c[0]), act.sq0[j]);
+        r[2] += dot_k_sub_f(s.z, s.w, dx0, i2f_exact(c[2]), act.sq0[j]);
+        if constexpr (!kOneCol) {
+          const float dx1 = h2f(act.ds1[j]);
+          r[1] += dot_k_sub_f(s.x, s.y, dx1, i2f_exact(c[1]), act.sq1[j]);
+          r[3] += dot_k_sub_f(s.z, s.w, dx1, i2f_exact(c[3]), act.sq1[j]);
+        }
+      }
+    }
+  } else if constexpr (kType == kQ6_K) {
+    // ql[0..127], qh[128..191]; the block starts at an even offset o of its row in the stage.
+    const float2* sc2 = reinterpret_cast<const float2*>(scratch);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+#pragma unroll
+      for (int l0 = 0; l0 < 32; l0 += 16) {
+        const uint32_t A0 = lds32u(b0r, o0 + 64 * half + l0 + 4 * t);
+        const uint32_t B0 = lds32u(b0r, o0 + 64 * half + 32 + l0 + 4 * t);
+        const uint32_t H0 = lds32u(b0r, o0 + 128 + 32 * half + l0 + 4 * t);
+        const uint32_t A1 = lds32u(b1r, o1 + 64 * half + l0 + 4 * t);
+        const uint32_t B1 = lds32u(b1r, o1 + 64 * half + 32 + l0 + 4 * t);
+        const uint32_t H1 = lds32u(b1r, o1 + 128 + 32 * half + l0 + 4 * t);
+#pragma unroll
+        for (int tq = 0; tq < 4; ++tq) {  // 32-value quarter of the half (SPEC §1's x[l + 32 tq])
+          const uint32_t L0 = (tq & 1) ? B0 : A0, L1 = (tq & 1) ? B1 : A1;
+          const int shift = 4 * (tq >> 1);
+          // 6-bit quant (0..63) - 32 as a signed byte: the MMA then sums (q - 32) * x directly.
+          const uint32_t a0 = minus32(((L0 >> shift) & kNibbles) | (((H0 >> (2 * tq)) & 0x03030303u) << 4));
+          const uint32_t a1 = minus32(((L1 >> shift) & kNibbles) | (((H1 >> (2 * tq)) & 0x03030303u) << 4));
+          const int sg = 8 * half + 2 * tq + l0 / 16;  // 16-value group = scale index
+          const int blk = 4 * half + tq;               // Q8_1 block of the group
+          // The k16 B fragment of values 16h..16h+15 of a block is word h of its k32 fragment.
+          int c[4];
+          mma_k16_z(c, a0, a1, act.b[blk][l0 / 16]);
+          const float2 s = sc2[sg * 8 + g];  // d * scale of rows g and g + 8
+          const float dx0 = h2f(act.ds0[blk]);
+          r[0] += dot_q6_k_sub_f(s.x, dx0, i2f_exact(c[0]));
+          r[2] += dot_q6_k_sub_f(s.y, dx0, i2f_exact(c[2]));
+          if constexpr (!kOneCol) {
+            const float dx1 = h2f(act.ds1[blk]);
+            r[1] += dot_q6_k_sub_f(s.x, dx1, i2f_exact(c[1]));
+            r[3] += dot_q6_k_sub_f(s.y, dx1, i2f_exact(c[3]));
+          }
+        }
+      }
+    }
+  } else {  // Q4_0, Q5_0, Q8_0: up to 8 blocks of 32
+    constexpr int bb = type_block_bytes<kType>();
+    const float2* sc2 = reinterpret_cast<const float2*>(scratch);
+#pragma unroll
+    for (int bi = 0; bi < kStepBlocks; ++bi) {
+      if (bi < nb32) {
+        const int p0 = o0 + bb * bi, p1 = o1 + bb * bi;
+        uint32_t a[4];
+        if constexpr (kType == kQ4_0) {
+          // qs[j]: low nibble = value j, high nibble = value j + 16.
+          const uint32_t w0 = lds32u(b0r, p0 + 2 + 4 * t), w1 = lds32u(b1r, p1 + 2 + 4 * t);
+          a[0] = w0 & kNibbles; a[1] = w1 & kNibbles;
+          a[2] = (w0 >> 4) & kNibbles; a[3] = (w1 >> 4) & kNibbles;
+        } else if constexpr (kType == kQ5_0) {
+          const uint32_t h0 = lds32u(b0r, p0 + 2), h1 = lds32u(b1r, p1 + 2);
+          const uint32_t w0 = lds32u(b0r, p0 + 6 + 4 * t), w1 = lds32u(b1r, p1 + 6 + 4 * t);
+          a[0] = (w0 & kNibbles) | spread4((h0 >> (4 * t)) & 15u);
+          a[1] = (w1 & kNibbles) | spread4((h1 >> (4 * t)) & 15u);
+          a[2] = ((w0 >> 4) & kNibbles) | spread4((h0 >> (16 + 4 * t)) & 15u);
+          a[3] = ((w1 >> 4) & kNibbles) | spread4((h1 >> (16 + 4 * t)) & 15u);
+        } else {  // Q8_0
+          a[0] = lds32u(b0r, p0 + 2 + 4 * t); a[1] = lds32u(b1r, p1 + 2 + 4 * t);
+          a[2] = lds32u(b0r, p0 + 18 + 4 * t); a[3] = lds32u(b1r, p1 + 18 + 4 * t);
+        }
+        int c[4];
+        mma_k32_z(c, a, act.b[bi][0], act.b[bi][1]);
+        const float2 dw = sc2[bi * 8 + g];  // d of rows g and g + 8
+        const float dx0 = h2f(act.ds0[bi]), sx0 = h2f(act.ds0[bi] >> 16);
+        if constexpr (kType == kQ8_0) {
+          r[0] += dot_q8_0_f(dw.x, dx0, i2f_exact(c[0]));
+          r[2] += dot_q8_0_f(dw.y, dx0, i2f_exact(c[2]));
+        } else if constexpr (kType == kQ4_0) {
+          r[0] += dot_q4_0_f(dw.x, dx0, sx0, i2f_exact(c[0]));
+          r[2] += dot_q4_0_f(dw.y, dx0, sx0, i2f_exact(c[2]));
+        } else {
+          r[0] += dot_q5_0_f(dw.x, dx0, sx0, i2f_exact(c[0]));
+          r[2] += dot_q5_0_f(dw.y, dx0, sx0, i2f_exact(c[2]));
+        }
+        if constexpr (!kOneCol) {
+          const float dx1 = h2f(act.ds1[bi]), sx1 = h2f(act.ds1[bi] >> 16);
+          if constexpr (kType == kQ8_0) {
+            r[1] += dot_q8_0_f(dw.x, dx1, i2f_exact(c[1]));
+            r[3] += dot_q8_0_f(dw.y, dx1, i2f_exact(c[3]));
+          } else if constexpr (kType == kQ4_0) {
+            r[1] += dot_q4_0_f(dw.x, dx1, sx1, i2f_exact(c[1]));
+            r[3] += dot_q4_0_f(dw.y, dx1, sx1, i2f_exact(c[3]));
+          } else {
+            r[1] += dot_q5_0_f(dw.x, dx1, sx1, i2f_exact(c[1]));
+            r[3] += dot_q5_0_f(dw.y, dx1, sx1, i2f_exact(c[3]));
+          }
+        }
+      }
+    }
+  }
+}
+
+// The fused norm: rms_norm_mul_q8_1 of the launch's batch rows, computed by this CTA into `act`
+// (Q8_1 rows, as the standalone kernel writes them). The standalone kernel's thread i of T becomes
+// virtual thread (row, i), each warp's butterfly a virtual warp, so the sums of squares are added in
+// the same order and the bytes are the same.
+template <typename T, typename W>
+__device__ __forceinline__ void norm_phase_typed(const Params& p, uint8_t* act, float* red) {
+  const T* x = static_cast<const T*>(p.norm_x);
+  const W* w = static_cast<const W*>(p.norm_w);
+  const int64_t nb = p.x_blocks, k = nb * kQK;
+  const int nt = p.norm_nthreads, wpr = nt / 32;
+  const bool vx = (p.norm_vec & 1) != 0, vw = (p.norm_vec & 2) != 0;
+  float* parts = red;                        // [batch][nt]
+  float* wsums = red + p.batch * nt;         // [batch][8]
+  float* scales = wsums + kMaxCols * 8;      // [batch]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int v = threadIdx.x; v < p.batch * nt; v += kThreads) {
+    const int b = v / nt;
+    parts[v] = row_sum_sq_part(x + b * k, nb, v - b * nt, nt, vx);
+  }
+  __syncthreads();
+  for (int v = warp; v < p.batch * wpr; v += kWarps) {
+    const int b = v / wpr, ww = v - b * wpr;
+    const float s = warp_sum(parts[b * nt + ww * 32 + lane]);
+    if (lane == 0) wsums[b * 8 + ww] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x < p.batch) {
+    float total = 0.0f;
+    for (int i = 0; i < wpr; ++i) total = __fadd_rn(total, wsums[threadIdx.x * 8 + i]);
+    scales[threadIdx.x] = rms_scale(total, k, p.eps);
+  }
+  __syncthreads();
+  for (int64_t v = threadIdx.x; v < p.batch * nb; v += kThreads) {
+    const int b = static_cast<int>(v / nb);
+    const int64_t blk = v - b * nb;
+    norm_quantize_block(x + b * k, w, blk, scales[b], vx, vw,
+                        act + b * p.x_row_bytes + blk * static_cast<int64_t>(sizeof(BlockQ8_1)),
+                        static_cast<T*>(nullptr));
+  }
+  __syncthreads();
+}
+
+__device__ __noinline__ void norm_phase(const Params& p, uint8_t* act, float* red) {
+  // Out of line: it runs once per CTA, and inlining nine instantiations would crowd the main loop.
+  switch (p.norm_types) {
+    case 0: return norm_phase_typed<float, float>(p, act, red);
+    case 1: return norm_phase_typed<float, Half>(p, act, red);
+    case 2: return norm_phase_typed<float, Bf16>(p, act, red);
+    case 3: return norm_phase_typed<Half, float>(p, act, red);
+    case 4: return norm_phase_typed<Half, Half>(p, act, red);
+    case 5: return norm_phase_typed<Half, Bf16>(p, act, red);
+    case 6: return norm_phase_typed<Bf16, float>(p, act, red);
+    case 7: return norm_phase_typed<Bf16, Half>(p, act, red);
+    default: return norm_phase_typed<Bf16, Bf16>(p, act, red);
+  }
+}
+
+template <int kCols, int kMask>
+__global__ void __launch_bounds__(kThreads, 1) mat_vec_kernel(const __grid_constant__ Params p) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  // Let the next kernel in the stream be scheduled now: it reads only weights before its own wait.
+  allow_dependent_launch();
+
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int32_t tile0 = p.cta_tile[blockIdx.x];
+  const int32_t tile1 = p.cta_tile[blockIdx.x + 1];
+  const int32_t n_tiles = tile1 - tile0;
+  if (n_tiles <= 0) return;  // nothing read, nothing written
+
+  TileInfo* tiles = reinterpret_cast<TileInfo*>(smem);
+  uint8_t* stage_base = smem + static_cast<size_t>(p.max_tiles) * sizeof(TileInfo);
+  float* partials = reinterpret_cast<float*>(stage_base + static_cast<size_t>(kWarps) * p.stages * p.stage_bytes);
+  float* scratch = partials + static_cast<size_t>(p.max_tiles) * p.k_groups * 32 * 4 +
+                   static_cast<size_t>(threadIdx.x >> 5) * kScratchFloats;
+
+  for (int i = threadIdx.x; i < n_tiles; i += kThreads) {
+    const int32_t tile = tile0 + i;
+    int s = 0;
+    while (s + 1 < p.n_seg && tile >= p.seg[s + 1].tile_begin) ++s;
+    TileInfo ti;
+    ti.seg = s;
+    ti.row0 = (tile - p.seg[s].tile_begin) * kTileRows;
+    ti.rows_valid = min(kTileRows, p.seg[s].rows - ti.row0);
+    ti.pad = 0;
+    tiles[i] = ti;
+  }
+
+  // Bulk L2 prefetch of this CTA's weight bytes (capped), one chunk per lane of warp 0.
+  if (warp == 0 && p.prefetch_cap != 0) {
+    uint32_t budget = p.prefetch_cap;
+    int chunk = 0;
+    for (int s = 0; s < p.n_seg && budget != 0; ++s) {
+      const SegDesc& sd = p.seg[s];
+      const int32_t seg_tiles = (sd.rows + kTileRows - 1) / kTileRows;
+      const int32_t a = max(tile0, sd.tile_begin), b = min(tile1, sd.tile_begin + seg_tiles);
+      if (a >= b) continue;
+      const int64_t begin = sd.byte_offset + static_cast<int64_t>(a - sd.tile_begin) * kTileRows * sd.row_bytes;
+      const int64_t end = sd.byte_offset + min64(static_cast<int64_t>(b - sd.tile_begin) * kTileRows, sd.rows) * sd.row_bytes;
+      const int64_t bytes = min64((end - begin) & ~int64_t{15}, budget);
+      budget -= static_cast<uint32_t>(bytes);
+      constexpr int64_t kChunk = 32 * 1024;
+      for (int64_t off = 0; off < bytes; off += kChunk, ++chunk) {
+        if ((chunk & 31) == lane) {
+          prefetch_l2_bulk(p.weight + begin + off, static_cast<uint32_t>(min64(kChunk, bytes - off)));
+        }
+      }
+    }
+  }
+  __syncthreads();  // the tile table
+
+  // This warp: K steps kw, kw + kg, ... of tiles tw, tw + tg, ... (step-major, so the activations of
+  // a step are loaded once for all the warp's tiles).
+  // k_groups is a power of two: shifts and masks, not divisions.
+  const int kg_shift = __ffs(p.k_groups) - 1, tg_shift = __ffs(kWarps) - 1 - kg_shift;
+  const int kg = p.k_groups, tg = kWarps >> kg_shift;
+  const int kw = warp & (kg - 1), tw = warp >> kg_shift;
+  const int n_steps = kw < p.steps ? (p.steps - kw + kg - 1) >> kg_shift : 0;
+  const int n_my_tiles = tw < n_tiles ? (n_tiles - tw + tg - 1) >> tg_shift : 0;
+  const int n_items = n_steps * n_my_tiles;
+  uint8_t* stages = stage_base + static_cast<size_t>(warp) * p.stages * p.stage_bytes;
+
+  // Prologue: weights of the first stages - 1 items, before waiting for the producer of x.
+  int is = 0, it = 0;  // issue cursor: (step index, tile index) of the next item to copy
+  for (int j = 0; j < p.stages - 1; ++j) {
+    if (j < n_items) {
+      issue_item<kMask>(p, tiles[tw + it * tg], kw + is * kg, stages + j * p.stage_bytes, lane);
+      if (++it == n_my_tiles) { it = 0; ++is; }
+    }
+    cp_async_commit();
+  }
+
+  grid_dependency_wait();
+
+  // The Q8_1 activations: the caller's rows, or this CTA's own norm of x.
+  const uint8_t* xq = p.x;
+  if (p.norm_x != nullptr) {
+    norm_phase(p, smem + p.act_offset, reinterpret_cast<float*>(smem + p.red_offset));
+    xq = smem + p.act_offset;
+  }
+
+  StepAct<kCols> act;
+  int cs = 0, ct = 0;  // compute cursor
+  // Ring positions of the stage being computed and of the one being refilled (stages - 1 ahead).
+  int slot_compute = 0, slot_issue = p.stages - 1;
+  for (int j = 0; j < n_items; ++j) {
+    __syncwarp();  // every lane is done with the stage about to be refilled
+    if (j + p.stages - 1 < n_items) {
+      issue_item<kMask>(p, tiles[tw + it * tg], kw + is * kg, stages + slot_issue * p.stage_bytes, lane);
+      if (++it == n_my_tiles) { it = 0; ++is; }
+    }
+    if (++slot_issue == p.stages) slot_issue = 0;
+    cp_async_commit();
+    const int step = kw + cs * kg;
+    if (ct == 0) load_step<kCols>(p, xq, step, lane, act);  // in flight while the stage lands
+    cp_async_wait_dyn(p.stages - 1);  // all but the newest stages - 1 groups: item j has landed
+    __syncwarp();                     // ... for every lane's copies
+
+    const int tl = tw + ct * tg;
+    const TileInfo ti = tiles[tl];
+    const SegDesc& sd = p.seg[ti.seg];
+    const uint8_t* stage = stages + slot_compute * p.stage_bytes;
+    if (++slot_compute == p.stages) slot_compute = 0;
+    float r[4] = {0.f, 0.f, 0.f, 0.f};
+    switch (sd.type) {
+      case kQ4_0: if constexpr (kMask & 1) compute_item_typed<kQ4_0, kCols>(p, sd, ti, step, stage, scratch, act, lane, r); break;
+      case kQ5_0: if constexpr (kMask & 2) compute_item_typed<kQ5_0, kCols>(p, sd, ti, step, stage, scratch, act, lane, r); break;
+      case kQ8_0: if constexpr (kMask & 4) compute_item_typed<kQ8_0, kCols>(p, sd, ti, step, stage, scratch, act, lane, r); break;
+      case kQ4_K: if constexpr (kMask & 8) compute_item_typed<kQ4_K, kCols>(p, sd, ti, step, stage, scratch, act, lane, r); break;
+      case kQ5_K: if constexpr (kMask & 16) compute_item_typed<kQ5_K, kCols>(p, sd, ti, step, stage, scratch, act, lane, r); break;
+      case kQ6_K: if constexpr (kMask & 32) compute_item_typed<kQ6_K, kCols>(p, sd, ti, step, stage, scratch, act, lane, r); break;
+      default: break;
+    }
+    // Partial sums of (tile, K group): this warp owns the slot; its first step stores, later add.
+    float4* slot = reinterpret_cast<float4*>(partials) + (static_cast<size_t>(tl) * kg + kw) * 32 + lane;
+    float4 v = make_float4(r[0], r[1], r[2], r[3]);
+    if (cs != 0) {
+      const float4 o = *slot;
+      v.x += o.x; v.y += o.y; v.z += o.z; v.w += o.w;
+    }
+    *slot = v;
+    if (++ct == n_my_tiles) { ct = 0; ++cs; }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Sum each tile's K groups in order and store the tile's 16 rows x batch columns.
+  const int groups = min(kg, p.steps);
+  for (int q = threadIdx.x; q < n_tiles * 32; q += kThreads) {
+    const int32_t tl = q >> 5;
+    const int ln = q & 31;
+    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int w = 0; w < groups; ++w) {
+      const float4 v = reinterpret_cast<const float4*>(partials)[(static_cast<size_t>(tl) * kg + w) * 32 + ln];
+      sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
+    }
+    const TileInfo ti = tiles[tl];
+    const SegDesc& sd = p.seg[ti.seg];
+    const int gg = ln >> 2, tt = ln & 3;
+    const int32_t ra = ti.row0 + gg, rb = ti.row0 + gg + 8;
+    const int ca = 2 * tt, cb = ca + 1;
+    float* o = p.out + sd.col_begin;
+    if (ra < sd.rows) {
+      if (ca < p.batch) o[static_cast<int64_t>(ca) * p.n_out + ra] = sum.x;
+      if (cb < p.batch) o[static_cast<int64_t>(cb) * p.n_out + ra] = sum.y;
+    }
+    if (rb < sd.rows) {
+      if (ca < p.batch) o[static_cast<int64_t>(ca) * p.n_out + rb] = sum.z;
+      if (cb < p.batch) o[static_cast<int64_t>(cb) * p.n_out + rb] = sum.w;
+    }
+  }
+}
+
+// Tiles of the busiest CTA for a grid size (host copy of the kernel's split).
+int max_tiles_for(const Params& p, int grid) {
+  int max_tiles = 0;
+  for (int c = 0; c < grid; ++c) {
+    const int32_t a = first_tile_at(p, cta_cost_bound(p, c, grid));
+    const int32_t b = first_tile_at(p, cta_cost_bound(p, c + 1, grid));
+    max_tiles = std::max(max_tiles, b - a);
+  }
+  return max_tiles;
+}
+
+// Tuning knobs for experiments (docs/PERFORMANCE.md has the measurements), read once:
+// GGFUSE_MV_STAGES (2..4; default 2), GGFUSE_MV_KGROUPS (1..16, a power of two; default chosen per
+// launch), GGFUSE_MV_PREFETCH=1 (bulk L2 prefetch of each CTA's weights; default off: it measured
+// 13% slower), GGFUSE_FUSED_NORM=1 (rms_norm_mat_vec_q8_1 normalizes inside the mat-vec kernel;
+// default off: with PDL the separate norm kernel measured faster).
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? std::atoi(v) : fallback;
+}
+struct Overrides {
+  int stages = env_int("GGFUSE_MV_STAGES", 2);
+  int k_groups = env_int("GGFUSE_MV_KGROUPS", 0);
+  bool prefetch = env_int("GGFUSE_MV_PREFETCH", 0) != 0;
+  bool fused_norm = env_int("GGFUSE_FUSED_NORM", 0) != 0;
+};
+const Overrides& overrides() {
+  static const Overrides o;
+  return o;
+}
+
+template <int kCols, int kMask>
+cudaError_t launch_cols(Params& p, int device, cudaStream_t stream) {
+  const Overrides& ov = overrides();
+  const int sms = std::max(1, device_attribute(device, cudaDevAttrMultiProcessorCount));
+  const int smem_optin = device_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  const int l2 = device_attribute(device, cudaDevAttrL2CacheSize);
+  int grid = std::min({sms, p.total_tiles, kMaxGrid});
+  size_t smem = 0;
+  for (;;) {
+    p.max_tiles = max_tiles_for(p, grid);
+    // K groups: the split of the 16 warps that gives the busiest warp the fewest items, within the
+    // shared memory for partial sums; ties go to more K groups (fewer activation loads per warp).
+    int best_kg = 1;
+    int64_t best_items = INT64_MAX;
+    for (int kg = kWarps; kg >= 1; kg /= 2) {
+      const int tg = kWarps / kg;
+      const int64_t items = static_cast<int64_t>((p.steps + kg - 1) / kg) * ((p.max_tiles + tg - 1) / tg);
+      const size_t partial_bytes = static_cast<size_t>(p.max_tiles) * kg * 32 * 16;
+      if (partial_bytes > kMaxPartialBytes && kg > 1) continue;
+      if (items < best_items) { best_items = items; best_kg = kg; }
+    }
+    p.k_groups = ov.k_groups > 0 ? ov.k_groups : best_kg;
+    const size_t before_act = static_cast<size_t>(p.max_tiles) * sizeof(TileInfo) +
+                              static_cast<size_t>(p.max_tiles) * p.k_groups * 32 * 16 +
+                              static_cast<size_t>(kWarps) * kScratchFloats * sizeof(float);
+    // Fused norm: the Q8_1 rows and the norm's reduction scratch follow the scratch.
+    size_t norm_bytes = 0;
+    if (p.norm_x != nullptr) {
+      const size_t act = (static_cast<size_t>(p.batch) * p.x_row_bytes + 15) & ~size_t{15};
+      const size_t red = (static_cast<size_t>(p.batch) * p.norm_nthreads + kMaxCols * 8 + kMaxCols) * sizeof(float);
+      norm_bytes = act + red;
+    }
+    const size_t fixed = before_act + norm_bytes;
+    const size_t per_stage = static_cast<size_t>(kWarps) * p.stage_bytes;
+    const size_t room = smem_optin > static_cast<int>(fixed) ? smem_optin - fixed : 0;
+    p.stages = static_cast<int32_t>(std::clamp<size_t>(ov.stages > 0 ? ov.stages : room / per_stage, 2, 4));
+    smem = fixed + per_stage * p.stages;
+    if (smem <= static_cast<size_t>(smem_optin) || grid >= p.total_tiles) break;
+    if (grid >= kMaxGrid) break;
+    grid = std::min({p.total_tiles, grid * 2, kMaxGrid});  // more CTAs, fewer tiles (and slots) each
+  }
+  if (smem > static_cast<size_t>(smem_optin)) {
+    return p.norm_x != nullptr ? cudaErrorNotSupported : cudaErrorInvalidConfiguration;
+  }
+  if (p.norm_x != nullptr) {  // the kernel's layout: tiles | stages | partials | scratch | act | red
+    p.act_offset = static_cast<int32_t>(static_cast<size_t>(p.max_tiles) * sizeof(TileInfo) +
+                                        static_cast<size_t>(kWarps) * p.stages * p.stage_bytes +
+                                        static_cast<size_t>(p.max_tiles) * p.k_groups * 32 * 16 +
+                                        static_cast<size_t>(kWarps) * kScratchFloats * sizeof(float));
+    p.red_offset = p.act_offset + static_cast<int32_t>((static_cast<size_t>(p.batch) * p.x_row_bytes + 15) & ~size_t{15});
+  }
+  for (int c = 0; c <= grid; ++c) p.cta_tile[c] = first_tile_at(p, cta_cost_bound(p, c, grid));
+  // Prefetch at most half the L2 across the grid, so a layer larger than the L2 does not evict its
+  // own prefetched bytes before they are read.
+  p.prefetch_cap = ov.prefetch ? static_cast<uint32_t>(std::min<int64_t>(int64_t{1} << 20, static_cast<int64_t>(l2) / 2 / grid)) & ~15u : 0u;
+  static int smem_set[64] = {};  // per device and variant: the dynamic shared memory limit raised
+  if (smem > 48 * 1024 && (device >= 64 || smem_set[device] < static_cast<int>(smem))) {
+    const cudaError_t err = cudaFuncSetAttribute(mat_vec_kernel<kCols, kMask>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    if (device < 64) smem_set[device] = static_cast<int>(smem);
+  }
+  return launch_kernel(mat_vec_kernel<kCols, kMask>, dim3(grid), dim3(kThreads), smem, stream, p);
+}
+
+// The launch parameters common to both entry points; returns the type_bit set of the segments, or -1.
+int fill_params(Params& p, const uint8_t* weight, const SegmentTable& table, int64_t k, int64_t n_out) {
+  p.weight = weight;
+  p.steps = static_cast<int32_t>((k + kStepValues - 1) / kStepValues);
+  p.x_blocks = static_cast<int32_t>(k / kQK);
+  p.x_row_bytes = k / kQK * static_cast<int64_t>(sizeof(BlockQ8_1));
+  p.n_out = static_cast<int32_t>(n_out);
+  p.n_seg = table.count;
+  int max_stride = 0;
+  int types = 0;  // type_bit of every segment
+  int64_t cost = 0;
+  int32_t tiles = 0;
+  for (int s = 0; s < table.count; ++s) {
+    const Segment& in = table.seg[s];
+    SegDesc& sd = p.seg[s];
+    sd.byte_offset = in.byte_offset;
+    sd.row_bytes = row_bytes(in.type, k);
+    if (sd.row_bytes <= 0 || stage_row_stride(in.type) == 0 || in.rows <= 0) return -1;
+    sd.type = in.type;
+    sd.rows = in.rows;
+    sd.col_begin = in.row_begin;
+    sd.tile_begin = tiles;
+    sd.cost_begin = cost;
+    tiles += (in.rows + kTileRows - 1) / kTileRows;
+    cost += static_cast<int64_t>(in.rows) * sd.row_bytes;
+    max_stride = std::max(max_stride, stage_row_stride(in.type));
+    types |= type_bit(in.type);
+  }
+  p.total_tiles = tiles;
+  p.total_cost = cost;
+  p.stage_bytes = kTileRows * max_stride;
+  return types;
+}
+
+cudaError_t launch_any(Params& p, int types, int device, cudaStream_t stream) {
+  const bool one = p.batch == 1;  // a lone row takes the one-column kernel
+  if ((types & ~kMaskKQuants) == 0) {
+    return one ? launch_cols<1, kMaskKQuants>(p, device, stream) : launch_cols<8, kMaskKQuants>(p, device, stream);
+  }
+  if ((types & ~kMaskBlocks32) == 0) {
+    return one ? launch_cols<1, kMaskBlocks32>(p, device, stream) : launch_cols<8, kMaskBlocks32>(p, device, stream);
+  }
+  return one ? launch_cols<1, kMaskAll>(p, device, stream) : launch_cols<8, kMaskAll>(p, device, stream);
+}
+
+bool valid_args(const SegmentTable& table, int64_t k) {
+  return table.count > 0 && table.count <= kMaxSegments && k > 0 && k % kQK == 0 && k <= (int64_t{1} << 30);
+}
+
+}  // namespace
+
+cudaError_t mat_vec_q8_1(const uint8_t* weight, const SegmentTable& table, int64_t k,
+                         const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out,
+                         cudaStream_t stream) {
+  if (batch <= 0 || table.count <= 0) return cudaSuccess;
+  if (!valid_args(table, k)) return cudaErrorInvalidValue;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  Params p{};
+  const int types = fill_params(p, weight, table, k, n_out);
+  if (types < 0) return cudaErrorInvalidValue;
+  // Batch rows 8 at a time (the N of the MMA).
+  for (int64_t b0 = 0; b0 < batch; b0 += kMaxCols) {
+    p.x = x_q8 + b0 * p.x_row_bytes;
+    p.out = out + b0 * n_out;
+    p.batch = static_cast<int32_t>(std::min<int64_t>(kMaxCols, batch - b0));
+    err = launch_any(p, types, device, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t rms_norm_mat_vec_q8_1(const void* x, FloatType x_type, const void* norm_w, FloatType w_type,
+                                  float eps, const uint8_t* weight, const SegmentTable& table,
+                                  int64_t k, int64_t batch, float* out, int64_t n_out,
+                                  cudaStream_t stream) {
+  if (batch <= 0 || table.count <= 0) return cudaSuccess;
+  if (batch > kMaxCols || !overrides().fused_norm) return cudaErrorNotSupported;
+  if (!valid_args(table, k)) return cudaErrorInvalidValue;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  Params p{};
+  const int types = fill_params(p, weight, table, k, n_out);
+  if (types < 0) return cudaErrorInvalidValue;
+  p.x = nullptr;
+  p.out = out;
+  p.batch = static_cast<int32_t>(batch);
+  p.norm_x = x;
+  p.norm_w = norm_w;
+  p.eps = eps;
+  p.norm_types = 3 * static_cast<int32_t>(x_type) + static_cast<int32_t>(w_type);
+  p.norm_vec = ((reinterpret_cast<uintptr_t>(x) & 15u) == 0 ? 1 : 0) |
+               ((reinterpret_cast<uintptr_t>(norm_w) & 15u) == 0 ? 2 : 0);
+  p.norm_nthreads = norm_threads(k / kQK);
+  return launch_any(p, types, device, stream);
+}
+
+}  // namespace cuda
+}  // namespace ggfuse

@@ -1,0 +1,117 @@
+// Q8_1 activation quantization and the fused RMSNorm -> Q8_1 pass on CUDA (SPEC §1, §3).
+//
+// One thread owns one Q8_1 block (32 values) and sums it sequentially, in the CPU reference's order,
+// so quantize_q8_1 produces the same bytes as the CPU, bit for bit. The norm's sum of squares is a
+// tree over the row here and a sequential loop on the CPU; the scale can differ in its last bit, so
+// rms_norm_mul_q8_1 agrees with the CPU up to rare ±1 flips of quants at rounding ties.
+//
+// Every float step that nvcc would contract into an FMA or approximate is spelled with an explicit
+// IEEE intrinsic (__fmul_rn, __fadd_rn, __fdiv_rn, __fsqrt_rn), matching the CPU build, which compiles
+// with -ffp-contract=off.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "common.cuh"
+#include "ggfuse/kernels_cuda.h"
+#include "norm.cuh"
+
+namespace ggfuse {
+namespace cuda {
+namespace {
+
+constexpr int kQuantThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kQuantThreads)
+    quantize_q8_1_kernel(const T* __restrict__ x, int64_t n_blocks, bool vec, uint8_t* __restrict__ out) {
+  allow_dependent_launch();  // see common.cuh: the dependent touches only weights before its wait
+  grid_dependency_wait();
+  const int64_t blk = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (blk >= n_blocks) return;
+  float v[kQK];
+  load_block(x + blk * kQK, vec, v);
+  quantize_block(v, out + blk * static_cast<int64_t>(sizeof(BlockQ8_1)));
+}
+
+// One thread block of norm_threads(K/32) threads per row (norm.cuh has the arithmetic and the order
+// of the sum of squares, shared with the fused norm + mat-vec kernel).
+template <typename T, typename W>
+__global__ void __launch_bounds__(kNormMaxThreads)
+    rms_norm_q8_1_kernel(const T* __restrict__ x, const W* __restrict__ w, int64_t k, float eps,
+                         bool vec_x, bool vec_w, uint8_t* __restrict__ out, T* __restrict__ y) {
+  __shared__ float warp_sums[kNormMaxThreads / 32];
+  allow_dependent_launch();  // see common.cuh: the dependent touches only weights before its wait
+  grid_dependency_wait();
+  const int64_t row = blockIdx.x;
+  const int64_t nb = k / kQK;
+  const T* xr = x + row * k;
+  const float part = warp_sum(row_sum_sq_part(xr, nb, threadIdx.x, blockDim.x, vec_x));
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = part;
+  __syncthreads();
+  float total = 0.0f;
+  for (unsigned i = 0; i < blockDim.x / 32; ++i) total = __fadd_rn(total, warp_sums[i]);  // in order
+  const float scale = rms_scale(total, k, eps);
+  uint8_t* orow = out + row * nb * static_cast<int64_t>(sizeof(BlockQ8_1));
+  for (int64_t b = threadIdx.x; b < nb; b += blockDim.x) {
+    norm_quantize_block(xr, w, b, scale, vec_x, vec_w, orow + b * static_cast<int64_t>(sizeof(BlockQ8_1)),
+                        y != nullptr ? y + row * k : nullptr);
+  }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+template <typename T, typename W>
+cudaError_t launch_norm(const void* x, const void* w, int64_t rows, int64_t k, float eps,
+                        uint8_t* out, void* y, cudaStream_t stream) {
+  const int threads = norm_threads(k / kQK);
+  return launch_kernel(rms_norm_q8_1_kernel<T, W>, dim3(static_cast<unsigned>(rows)), dim3(threads),
+                       0, stream, static_cast<const T*>(x), static_cast<const W*>(w), k, eps,
+                       aligned16(x), aligned16(w), out, static_cast<T*>(y));
+}
+
+template <typename T>
+cudaError_t launch_norm_w(const void* x, const void* w, FloatType w_type, int64_t rows, int64_t k,
+                          float eps, uint8_t* out, void* y, cudaStream_t stream) {
+  switch (w_type) {
+    case FloatType::kF32: return launch_norm<T, float>(x, w, rows, k, eps, out, y, stream);
+    case FloatType::kF16: return launch_norm<T, Half>(x, w, rows, k, eps, out, y, stream);
+    case FloatType::kBF16: return launch_norm<T, Bf16>(x, w, rows, k, eps, out, y, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+cudaError_t launch_quantize(const void* x, int64_t rows, int64_t k, uint8_t* out, cudaStream_t stream) {
+  const int64_t n_blocks = rows * (k / kQK);
+  const int64_t grid = (n_blocks + kQuantThreads - 1) / kQuantThreads;
+  return launch_kernel(quantize_q8_1_kernel<T>, dim3(static_cast<unsigned>(grid)), dim3(kQuantThreads),
+                       0, stream, static_cast<const T*>(x), n_blocks, aligned16(x), out);
+}
+
+}  // namespace
+
+cudaError_t quantize_q8_1(const void* x, FloatType x_type, int64_t rows, int64_t k, uint8_t* out,
+                          cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  switch (x_type) {
+    case FloatType::kF32: return launch_quantize<float>(x, rows, k, out, stream);
+    case FloatType::kF16: return launch_quantize<Half>(x, rows, k, out, stream);
+    case FloatType::kBF16: return launch_quantize<Bf16>(x, rows, k, out, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t rms_norm_mul_q8_1(const void* x, FloatType x_type, const void* w, FloatType w_type,
+                              int64_t rows, int64_t k, float eps, uint8_t* out, void* y_out,
+                              cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  switch (x_type) {
+    case FloatType::kF32: return launch_norm_w<float>(x, w, w_type, rows, k, eps, out, y_out, stream);
+    case FloatType::kF16: return launch_norm_w<Half>(x, w, w_type, rows, k, eps, out, y_out, stream);
+    case FloatType::kBF16: return launch_norm_w<Bf16>(x, w, w_type, rows, k, eps, out, y_out, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace ggfuse

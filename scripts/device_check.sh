@@ -1,0 +1,234 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: install the carried gguf wheel, build ggfuse with its CUDA kernels, run the
+# whole test suite with CUDA required, run the CUDA ops under compute-sanitizer (memcheck; racecheck
+# for the shared-memory kernels), then the benchmark. Everything it writes goes under $OUT (at most 8
+# files, two levels deep, for the device tool to bring back):
+#   summary.txt build.log pytest.log sanitizer.log bench.log bench/results.{json,md,png}
+# With NCU=1 an Nsight Compute report of one layer's kernels adds ncu.txt: pass --no-plot then.
+#
+# Usage (repository root):  OUT=/some/dir scripts/device_check.sh [bench arguments...]
+# Environment: GGFUSE_GIT_COMMIT (the commit being tested; the device copy need not be a git repo),
+#   SKIP_BUILD=1 / SKIP_TESTS=1 / SKIP_SANITIZER=1 / SKIP_BENCH=1 to leave a stage out, NCU=1,
+#   SANITIZER_TOOLS (default "memcheck racecheck"), SKIP_CPU_TESTS=1 (only tests/test_cuda.py),
+#   GGFUSE_BUILD_CXX (host compiler for the build; on the lent image CXX=/opt/gcc/bin/g++ produced a
+#   _C.so that crashed formatting error messages, /usr/bin/g++ did not),
+#   PYTEST_ARGS (extra pytest arguments), GGFUSE_CUDA_ARCHS (default 90).
+# The carried folders: .whl (gguf wheel) and .testdata (a copy of ../shared/testdata).
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:?set OUT to the output folder}
+mkdir -p "$OUT/bench"
+REPO=$(pwd)
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+note() { echo "$*" | tee -a "$SUMMARY"; }
+stage_start() { STAGE_T0=$(date +%s); }
+stage_end() { note "[$1] rc=$2 ($(( $(date +%s) - STAGE_T0 )) s)"; }
+
+# ---- environment ----
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+if [ -d .testdata ] && [ ! -e ../shared/testdata ]; then
+  mkdir -p ../shared && ln -sfn "$REPO/.testdata" ../shared/testdata
+fi
+note "commit: ${GGFUSE_GIT_COMMIT:-unknown}   date: $(date -u +%FT%TZ)"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader | tee -a "$SUMMARY"
+python3 -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' | tee -a "$SUMMARY"
+nvcc --version | tail -1 | tee -a "$SUMMARY"
+
+# ---- build ----
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  stage_start
+  if [ -n "${GGFUSE_BUILD_CXX:-}" ]; then export CXX=$GGFUSE_BUILD_CXX CUDAHOSTCXX=$GGFUSE_BUILD_CXX; fi
+  GGFUSE_CUDA_ARCHS=${GGFUSE_CUDA_ARCHS:-90} python3 -m pip install --no-build-isolation --no-deps -v . \
+    >"$OUT/build.log" 2>&1
+  rc=$?
+  grep -E "ptxas info|registers|spill" "$OUT/build.log" | grep -B1 -E "spill stores [1-9]" | head -5 | tee -a "$SUMMARY"
+  stage_end build $rc
+  if [ $rc != 0 ]; then tail -40 "$OUT/build.log"; exit $rc; fi
+fi
+python3 -c 'import ggfuse; assert ggfuse.has_cuda_kernels(), "built without CUDA kernels"; print("ggfuse CUDA kernels: yes")' | tee -a "$SUMMARY"
+
+# ---- an op's error message must come back as a Python exception, not a crash ----
+# (Seen on this image: _C.so built by /opt/gcc's g++ segfaulted inside std::ostream while formatting
+# an integer into a TORCH_CHECK message. If that happens, record the toolchain and rebuild with the
+# system compiler.)
+error_path_ok() {
+  (cd /tmp && python3 - <<'PYEOF'
+import torch, ggfuse
+try:
+    ggfuse.mat_vec_q8_1(torch.zeros(1, 36, dtype=torch.uint8), torch.zeros(64, dtype=torch.uint8)[1:33], [12], [1], [0])
+except ValueError as e:
+    print("error path ok:", str(e)[:70])
+PYEOF
+  ) >>"$SUMMARY" 2>&1
+}
+if [ "${SKIP_BUILD:-0}" != 1 ] && ! error_path_ok; then
+  note "error path crashed with the default compiler; toolchain:"
+  {
+    echo "CXX=${CXX:-} CC=${CC:-} CUDAHOSTCXX=${CUDAHOSTCXX:-}"; which -a g++ c++ 2>&1 | head -4
+    g++ --version | head -1; python3 -c "import torch; print('torch cxx11 abi', torch._C._GLIBCXX_USE_CXX11_ABI)"
+    so=$(python3 -c 'import ggfuse, os; print(os.path.join(os.path.dirname(ggfuse.__file__), "_C.so"))')
+    ldd "$so" | grep -E "stdc|gcc_s"
+    command -v nm >/dev/null && nm -C --defined-only "$so" | grep -E "_M_insert<long>|locale::id" | head -4
+    f=$(g++ -print-file-name=libstdc++.so); echo "libstdc++.so: $f"; head -c 300 "$f" | strings | head -3
+  } 2>&1 | tee -a "$SUMMARY"
+  for cxx in /usr/bin/g++ /usr/bin/g++-14 /usr/bin/g++-13 /usr/bin/g++-12; do
+    [ -x "$cxx" ] || continue
+    note "rebuilding with CXX=$cxx"
+    rm -rf build
+    CXX=$cxx CUDAHOSTCXX=$cxx GGFUSE_CUDA_ARCHS=${GGFUSE_CUDA_ARCHS:-90} python3 -m pip install \
+      --no-build-isolation --no-deps -v . >>"$OUT/build.log" 2>&1 || continue
+    if error_path_ok; then note "fixed by building with $cxx"; break; fi
+  done
+fi
+
+# ---- tests: the whole suite, CUDA required (the CUDA tests first, in their own process) ----
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  stage_start
+  (cd /tmp && GGFUSE_REQUIRE_CUDA=1 timeout 300 python3 -m pytest "$REPO/tests/test_cuda.py" -q \
+     -p no:cacheprovider -rfE ${PYTEST_ARGS:-} >"$OUT/pytest.log" 2>&1)
+  rc=$?
+  if [ $rc -ge 128 ] || [ $rc = 124 ]; then  # a crash or a hang: which test, and a native backtrace
+    crashed=$(grep -oE 'test_cuda.py", line [0-9]+ in test_[a-z0-9_]+' "$OUT/pytest.log" | tail -1 | grep -oE 'test_[a-z0-9_]+$')
+    note "pytest crashed (rc=$rc) in: ${crashed:-?}"
+    if [ -n "$crashed" ]; then
+      (cd /tmp && GGFUSE_REQUIRE_CUDA=1 timeout 120 cuda-gdb -q -batch -ex run -ex bt \
+         --args python3 -m pytest "$REPO/tests/test_cuda.py" -q -p no:cacheprovider -k "$crashed" \
+         >>"$OUT/pytest.log" 2>&1)
+      grep -E "^#[0-9]+ " "$OUT/pytest.log" | head -25 | tee -a "$SUMMARY"
+    fi
+  fi
+  grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -30 | tee -a "$SUMMARY"
+  grep -E "passed|failed" "$OUT/pytest.log" | tail -1 | tee -a "$SUMMARY"
+  stage_end pytest-cuda $rc
+  # the one-kernel norm + mat-vec (off by default) through the same tests of the hot path
+  stage_start
+  (cd /tmp && GGFUSE_FUSED_NORM=1 GGFUSE_REQUIRE_CUDA=1 timeout 120 python3 -m pytest "$REPO/tests/test_cuda.py" \
+     -q -p no:cacheprovider -rfE -k "rms_norm_mat_vec or graph or compile" >>"$OUT/pytest.log" 2>&1)
+  rc=$?
+  grep -E "passed|failed" "$OUT/pytest.log" | tail -1 | tee -a "$SUMMARY"
+  stage_end pytest-cuda-fused-norm $rc
+  [ "${SKIP_CPU_TESTS:-0}" = 1 ] || { stage_start
+  (cd /tmp && GGFUSE_REQUIRE_CUDA=1 timeout 240 python3 -m pytest "$REPO/tests" -q -p no:cacheprovider \
+     --ignore "$REPO/tests/test_cuda.py" -rfE >>"$OUT/pytest.log" 2>&1)
+  rc=$?
+  grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | tail -n 40 | tee -a "$SUMMARY" >/dev/null
+  grep -E "passed|failed" "$OUT/pytest.log" | tail -1 | tee -a "$SUMMARY"
+  stage_end pytest-rest $rc; }
+fi
+
+# ---- SASS of the K-quant mat-vec kernels (SASS=1): what each item really costs ----
+if [ "${SASS:-0}" = 1 ]; then
+  so=$(python3 -c 'import ggfuse, os; print(os.path.join(os.path.dirname(ggfuse.__file__), "_C.so"))')
+  cuobjdump -sass "$so" | awk '/Function : .*mat_vec_kernelILi(1|8)ELi56E/{f=1} /Function : /&&!/mat_vec_kernelILi(1|8)ELi56E/{f=0} f' >"$OUT/sass.txt"
+  note "sass: $(wc -l <"$OUT/sass.txt") lines"
+fi
+
+# ---- Nsight Compute over one fused QKV layer's norm and mat-vec kernels (NCU=1) ----
+if [ "${NCU:-0}" = 1 ]; then
+  cat >/tmp/profile_ops.py <<'PYEOF'
+import torch, ggfuse
+from ggfuse.bench import random_gguf
+from gguf import GGMLQuantizationType as T
+dev, k = "cuda", 4096
+for types in ((T.Q4_K, T.Q4_K, T.Q4_K), (T.Q4_K, T.Q4_K, T.Q6_K), (T.Q4_0, T.Q4_0, T.Q4_0)):
+    fused = ggfuse.FusedQuantLinear([(f"m{i}", random_gguf(t, n, k, dev), t)
+                                     for i, (t, n) in enumerate(zip(types, (4096, 1024, 1024)))], device=dev)
+    nw = torch.ones(k, device=dev, dtype=torch.bfloat16)
+    for b in (1, 8):
+        x = torch.randn(b, k, device=dev).to(torch.bfloat16)
+        ggfuse.rms_norm_mat_vec(x, nw, 1e-6, fused)
+torch.cuda.synchronize()
+PYEOF
+  stage_start
+  (cd /tmp && timeout 200 ncu --clock-control none -k regex:"mat_vec|rms_norm" \
+     --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+     --section MemoryWorkloadAnalysis --section SchedulerStats --print-details all \
+     --metrics smsp__inst_executed.sum,smsp__sass_inst_executed_op_shared_ld.sum,smsp__sass_inst_executed_op_global_ld.sum,smsp__sass_inst_executed_op_local_ld.sum \
+     python3 /tmp/profile_ops.py >"$OUT/ncu.txt" 2>&1)
+  rc=$?
+  grep -E "mat_vec_kernel|rms_norm_q8_1|Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Issued Warp Per|No Eligible|Stall" "$OUT/ncu.txt" | head -80 >>"$SUMMARY"
+  stage_end ncu $rc
+fi
+
+# ---- compute-sanitizer over the CUDA ops (small sizes: the tools slow kernels 10-100x) ----
+if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
+  cat >/tmp/sanitize_ops.py <<'EOF'
+# Every CUDA kernel of ggfuse once or more on small inputs; buffers end exactly at their last byte
+# (no caching allocator: PYTORCH_NO_CUDA_MEMORY_CACHING=1) so an out-of-bounds access is reported.
+import numpy as np, torch, ggfuse
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+dev = "cuda"
+def blocks(t, rows, k):
+    v, nb = GGML_QUANT_SIZES[t]
+    b = np.random.randint(0, 256, size=(rows, k // v, nb), dtype=np.uint8)
+    off = {T.Q4_0: (0,), T.Q5_0: (0,), T.Q8_0: (0,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}[t]
+    for o in off:
+        b[:, :, o:o + 2] = (np.random.uniform(0.2, 1, (rows, k // v)) / 128).astype(np.float16).view(np.uint8).reshape(rows, k // v, 2)
+    return b.reshape(rows, -1)
+for dt in (torch.float32, torch.bfloat16, torch.float16):
+    x = torch.randn(3, 4096, device=dev).to(dt)
+    ggfuse.quantize_q8_1(x); ggfuse.rms_norm_mul_q8_1(x, torch.ones(4096, device=dev, dtype=dt), 1e-6, return_float=True)
+for t in (T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K):
+    ggfuse.dequantize(torch.from_numpy(blocks(t, 5, 512)).to(dev), t)
+specs = [[(T.Q4_K, 33), (T.Q6_K, 17)], [(T.Q4_0, 19), (T.Q5_0, 3), (T.Q8_0, 5), (T.Q5_K, 2), (T.Q6_K, 3)], [(T.Q6_K, 3)]]
+for k, spec in [(512, specs[0]), (96 * 32, specs[0]), (512, specs[1]), (5120, specs[2]), (96, [(T.Q4_0, 7), (T.Q8_0, 3)])]:
+    if k % 256 and any(t in (T.Q4_K, T.Q5_K, T.Q6_K) for t, _ in spec):
+        continue
+    pieces, offs, total = [], [], 0
+    for t, r in spec:
+        pad = -total % 16; pieces.append(np.zeros(pad, np.uint8)); total += pad; offs.append(total)
+        w = blocks(t, r, k); pieces.append(w.reshape(-1)); total += w.size
+    buf = torch.from_numpy(np.concatenate(pieces)).to(dev)
+    for b in (1, 5, 8, 9, 64):
+        xq = ggfuse.quantize_q8_1(torch.randn(b, k, device=dev))
+        ggfuse.mat_vec_q8_1(xq, buf, [t for t, _ in spec], [r for _, r in spec], offs)
+        x = torch.randn(b, k, device=dev, dtype=torch.bfloat16)[:, :]
+        ggfuse.ops.rms_norm_mat_vec_q8_1(x, torch.ones(k, device=dev), 1e-6, buf, [t for t, _ in spec],
+                                         [r for _, r in spec], offs)
+torch.cuda.synchronize()
+print("sanitize_ops: done")
+EOF
+  stage_start
+  : >"$OUT/sanitizer.log"
+  for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
+    for fused in 0 1; do  # with the norm inside the mat-vec kernel too (GGFUSE_FUSED_NORM)
+      echo "==== compute-sanitizer --tool $tool (GGFUSE_FUSED_NORM=$fused)" >>"$OUT/sanitizer.log"
+      (cd /tmp && GGFUSE_FUSED_NORM=$fused PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer \
+         --tool $tool --print-limit 20 python3 /tmp/sanitize_ops.py >>"$OUT/sanitizer.log" 2>&1)
+      echo "rc=$?" >>"$OUT/sanitizer.log"
+    done
+  done
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize_ops: done|^rc=" "$OUT/sanitizer.log" | tee -a "$SUMMARY"
+  stage_end sanitizer 0
+fi
+
+# ---- tuning experiments (EXPERIMENTS="ENV=V ENV=V;ENV=V;..."): one short bench per configuration ----
+if [ -n "${EXPERIMENTS:-}" ]; then
+  stage_start
+  EXPLOG=/tmp/experiments.log  # into summary.txt only: $OUT is limited to 8 files
+  : >"$EXPLOG"
+  IFS=';' read -ra configs <<<"base;$EXPERIMENTS"
+  for cfg in "${configs[@]}"; do
+    echo "==== $cfg" >>"$EXPLOG"
+    envs=(); [ "$cfg" != base ] && read -ra envs <<<"$cfg"
+    (cd /tmp && env "${envs[@]}" timeout 120 python3 -m ggfuse.bench --variants fused two_kernels matvec \
+       --types ${EXP_TYPES:-Q4_K} --batches ${EXP_BATCHES:-1 8} --no-torch --no-plot --repeats 10 \
+       --out /tmp/exp 2>&1 | grep -E "^[0-9]|measured" >>"$EXPLOG")
+  done
+  tee -a "$SUMMARY" <"$EXPLOG"
+  stage_end experiments 0
+fi
+
+# ---- benchmark ----
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  stage_start
+  (cd /tmp && timeout 300 python3 -m ggfuse.bench --out "$OUT/bench" "$@" 2>&1 | tee "$OUT/bench.log")
+  rc=$?
+  stage_end bench $rc
+  [ -f "$OUT/bench/results.md" ] && cat "$OUT/bench/results.md" >>"$SUMMARY"
+fi
+echo "==== summary"
+cat "$SUMMARY"

@@ -1,0 +1,408 @@
+"""The ggfuse CUDA ops against the CPU ops and the independent references (tests/oracle.py, SPEC §5).
+
+Skipped where there is no CUDA device or the library was built without the CUDA kernels, unless
+GGFUSE_REQUIRE_CUDA=1, where a missing CUDA fails (test_cuda_is_available, and every other test then
+fails on its first CUDA call instead of being skipped).
+
+Outputs are poisoned: torch's deterministic mode fills every new tensor (the ops' outputs included)
+with NaN, or 255 for bytes, so an element a kernel never wrote fails the comparison. Every test draws
+fresh random data.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+import ggfuse
+import oracle
+from oracle import ALL_MAT_VEC_TYPES, exact_mat_vec, float_mat_vec, random_blocks, rel_err
+
+REQUIRE_CUDA = os.environ.get("GGFUSE_REQUIRE_CUDA") == "1"
+HAVE_CUDA = torch.cuda.is_available() and ggfuse.has_cuda_kernels()
+
+pytestmark = pytest.mark.skipif(
+    not HAVE_CUDA and not REQUIRE_CUDA,
+    reason="no CUDA device, or ggfuse built without CUDA kernels (set GGFUSE_REQUIRE_CUDA=1 to fail instead)")
+
+CUDA_EXACT_TOL = 1e-4   # SPEC §5 check 1 on CUDA
+CUDA_CPU_TOL = 1e-4     # CUDA against CPU on the same inputs
+FLOAT_TOL = 2e-2        # SPEC §5 check 2 (Q8 activation noise)
+MIN_OUTPUTS_FOR_FLOAT_CHECK = 256  # the Q8-noise norm ratio is statistical; see test_ops.check_mat_vec
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DEV = "cuda"
+
+
+def test_cuda_is_available():
+    assert torch.cuda.is_available(), "torch sees no CUDA device"
+    assert ggfuse.has_cuda_kernels(), "ggfuse was built without its CUDA kernels (torch without CUDA?)"
+
+
+def test_poisoning_reaches_cuda(poison_outputs):
+    assert torch.isnan(torch.empty(64, device=DEV)).all()
+    assert (torch.empty(64, dtype=torch.uint8, device=DEV) == 255).all()
+
+
+def randn(*shape, dtype=torch.float32):
+    """Normal values at a random overall scale (e^-3 .. e^3), never zeros."""
+    return (torch.randn(*shape, dtype=torch.float64) * np.exp(np.random.uniform(-3, 3))).to(dtype)
+
+
+# ---------------------------------------------------------------- Q8_1 quantization
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 32), (3, 4096), (2, 3, 96), (1, 14336)])
+def test_quantize_q8_1_bit_exact_with_cpu(poison_outputs, dtype, shape):
+    x = randn(*shape, dtype=dtype)
+    x[..., :32] = 0.0  # an all-zero block: d = 0, quants 0
+    ref = ggfuse.quantize_q8_1(x)
+    got = ggfuse.quantize_q8_1(x.to(DEV))
+    assert got.device.type == "cuda" and got.shape == ref.shape and got.dtype == torch.uint8
+    # Same fp32 steps in the same order as the CPU: the very same bytes.
+    assert torch.equal(got.cpu(), ref)
+
+
+def test_quantize_q8_1_unaligned_input(poison_outputs):
+    # A view starting 4 bytes into its storage cannot use 16-byte loads; the result must not change.
+    base = randn(2 * 256 + 1)
+    x = base[1:].view(2, 256)
+    xd = base.to(DEV)[1:].view(2, 256)
+    assert xd.data_ptr() % 16 != 0
+    assert torch.equal(ggfuse.quantize_q8_1(xd).cpu(), ggfuse.quantize_q8_1(x))
+
+
+def compare_q8_1(got: torch.Tensor, ref: torch.Tensor, what: str):
+    """Q8_1 bytes from two norms whose fp32 scale may differ in its last bit (a tree sum on CUDA, a
+    sequential one on the CPU): d and s within one fp16 step, quants within ±1 and rarely different."""
+    g = got.cpu().reshape(-1, 36).numpy()
+    r = ref.cpu().reshape(-1, 36).numpy()
+    gd = g[:, 0:2].copy().view(np.uint16).astype(np.int64)
+    rd = r[:, 0:2].copy().view(np.uint16).astype(np.int64)
+    assert np.abs(gd - rd).max() <= 1, f"{what}: d differs by more than one fp16 step"
+    # s is a sum of 32 signed values: near zero its fp16 steps are tiny, so compare it against the
+    # block's scale instead (a few fp32 roundings of values up to amax = 127 d).
+    gs = g[:, 2:4].copy().view(np.float16).astype(np.float64)[:, 0]
+    rs = r[:, 2:4].copy().view(np.float16).astype(np.float64)[:, 0]
+    amax = 127 * r[:, 0:2].copy().view(np.float16).astype(np.float64)[:, 0]
+    bound = 2.0 ** -10 * np.abs(rs) + 1e-5 * 32 * amax
+    assert (np.abs(gs - rs) <= bound).all(), f"{what}: s differs by more than rounding"
+    gq = g[:, 4:].view(np.int8).astype(np.int64)
+    rq = r[:, 4:].view(np.int8).astype(np.int64)
+    diff = np.abs(gq - rq)
+    assert diff.max() <= 1, f"{what}: a quant differs by {diff.max()}"
+    # The CPU's sequential fp32 sum of squares over K values carries ~sqrt(K) * 2^-24 relative error,
+    # so the two scales differ by a few 1e-6 at K = 14336 and about 127 * that of the quants sit
+    # close enough to a rounding tie to flip.
+    assert (diff != 0).mean() < 1e-2, f"{what}: {(diff != 0).mean():.2e} of the quants differ"
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("w_dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 4096), (8, 4096), (3, 96), (2, 2, 14336)])
+def test_rms_norm_mul_q8_1_matches_cpu(poison_outputs, dtype, w_dtype, shape):
+    x = randn(*shape, dtype=dtype)
+    w = (1.0 + 0.3 * torch.randn(shape[-1], dtype=torch.float64)).to(w_dtype)
+    eps = 1e-6
+    ref_q, ref_y = ggfuse.rms_norm_mul_q8_1(x, w, eps, return_float=True)
+    got_q = ggfuse.rms_norm_mul_q8_1(x.to(DEV), w.to(DEV), eps)
+    got_q2, got_y = ggfuse.rms_norm_mul_q8_1(x.to(DEV), w.to(DEV), eps, return_float=True)
+    assert got_q.shape == ref_q.shape and got_y.shape == x.shape and got_y.dtype == dtype
+    compare_q8_1(got_q, ref_q, "rms_norm_mul_q8_1")
+    assert torch.equal(got_q, got_q2)  # the float output does not change the quantized one
+    # y: fp32 math, then x's dtype; a last-bit difference of the scale can move it one step.
+    y64 = oracle.rms_norm_ref(x.double().numpy(), w.double().numpy(), eps)
+    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    np.testing.assert_allclose(got_y.cpu().double().numpy(), y64, rtol=tol, atol=tol * np.abs(y64).max())
+    torch.testing.assert_close(got_y.cpu(), ref_y, rtol=tol, atol=tol * float(np.abs(y64).max()))
+    # The quantized output against the float norm: within Q8 rounding.
+    deq = oracle.dequantize_q8_1(got_q.cpu().reshape(-1, shape[-1] // 32 * 36).numpy())
+    assert rel_err(deq, y64.reshape(deq.shape)) < 1e-2
+
+
+# ---------------------------------------------------------------- dequantize
+
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, *ALL_MAT_VEC_TYPES], ids=lambda t: t.name)
+@pytest.mark.parametrize("k", [256, 4096])
+def test_dequantize_bit_exact(poison_outputs, qtype, k):
+    w = torch.from_numpy(random_blocks(qtype, 7, k))
+    got = ggfuse.dequantize(w.to(DEV), qtype)
+    ref = ggfuse.dequantize(w, qtype)
+    assert got.shape == ref.shape == (7, k)
+    assert torch.equal(got.cpu(), ref)
+    np.testing.assert_array_equal(got.cpu().double().numpy(), oracle.dequantize_weight(w.numpy(), qtype))
+
+
+def test_dequantize_q8_1_float_odd_widths_and_offsets(poison_outputs):
+    x = randn(3, 2, 160)
+    xq = ggfuse.quantize_q8_1(x)
+    assert torch.equal(ggfuse.dequantize(xq.to(DEV), T.Q8_1).cpu(), ggfuse.dequantize(xq, T.Q8_1))
+    # float rows of any width (not a multiple of 8), and GGUF bytes at an odd address
+    f = torch.from_numpy(random_blocks(T.F16, 5, 13))
+    assert torch.equal(ggfuse.dequantize(f.to(DEV), T.F16).cpu(), ggfuse.dequantize(f, T.F16))
+    w = torch.from_numpy(random_blocks(T.Q4_K, 3, 512))
+    big = torch.empty(w.numel() + 1, dtype=torch.uint8, device=DEV)
+    odd = big[1:].view(w.shape)
+    odd.copy_(w.to(DEV))
+    assert odd.data_ptr() % 2 == 1
+    assert torch.equal(ggfuse.dequantize(odd, T.Q4_K).cpu(), ggfuse.dequantize(w, T.Q4_K))
+
+
+# ---------------------------------------------------------------- mat_vec_q8_1
+
+def weight_rows(qtype, rows, k):
+    """GGUF bytes [rows, row_bytes]: ggfuse's quantizer where it writes the type, else random blocks."""
+    if qtype in (T.Q4_0, T.Q8_0, T.Q4_K, T.Q6_K):
+        return ggfuse.quantize(torch.randn(rows, k) * k ** -0.5, qtype).numpy()
+    return random_blocks(qtype, rows, k)
+
+
+def make_fused(specs, k, pad_bytes=True):
+    """specs = [(qtype, rows)] -> (segments [(bytes, qtype)], buffer, qtypes, rows, offsets).
+    Gaps between segments hold random bytes (they must never matter); the buffer ends exactly at the
+    last row, so a kernel reading past it would be caught by the sanitizer."""
+    segments, offsets, pieces, total = [], [], [], 0
+    for qtype, rows in specs:
+        w = weight_rows(qtype, rows, k)
+        pad = -total % 16
+        pieces.append(np.random.randint(0, 256, size=pad, dtype=np.uint8))
+        total += pad
+        offsets.append(total)
+        pieces.append(w.reshape(-1))
+        total += w.size
+        segments.append((w, qtype))
+    buf = torch.from_numpy(np.concatenate(pieces))
+    return segments, buf, [t for t, _ in specs], [r for _, r in specs], offsets
+
+
+def check_mat_vec_cuda(specs, k, batch):
+    segments, buf, qtypes, rows, offsets = make_fused(specs, k)
+    x = randn(batch, k)
+    xq = ggfuse.quantize_q8_1(x)
+    buf_d = buf.to(DEV)
+    out = ggfuse.mat_vec_q8_1(xq.to(DEV), buf_d, qtypes, rows, offsets)
+    assert out.device.type == "cuda" and out.dtype == torch.float32 and out.shape == (batch, sum(rows))
+    exact = exact_mat_vec(segments, xq.numpy())
+    assert rel_err(out, exact) < CUDA_EXACT_TOL
+    cpu = ggfuse.mat_vec_q8_1(xq, buf, qtypes, rows, offsets)
+    assert rel_err(out, cpu.double().numpy()) < CUDA_CPU_TOL
+    if batch * sum(rows) < MIN_OUTPUTS_FOR_FLOAT_CHECK:
+        x = randn(-(-MIN_OUTPUTS_FOR_FLOAT_CHECK // sum(rows)), k)
+        xq = ggfuse.quantize_q8_1(x)
+        out = ggfuse.mat_vec_q8_1(xq.to(DEV), buf_d, qtypes, rows, offsets)
+    assert rel_err(out, float_mat_vec(segments, x.numpy())) < FLOAT_TOL
+    return out
+
+
+def valid_ks(qtype):
+    # K = 256 and 14336 for every type; K not a multiple of 256 where the blocks are 32 wide, and a
+    # Q6_K K (5120) whose 4200-byte rows are not 16-byte aligned.
+    ks = [256, 14336]
+    if qtype in (T.Q4_0, T.Q5_0, T.Q8_0):
+        ks += [32, 96, 4128]
+    if qtype == T.Q6_K:
+        ks += [5120]
+    return ks
+
+
+@pytest.mark.parametrize("qtype,k", [(t, k) for t in ALL_MAT_VEC_TYPES for k in valid_ks(t)],
+                         ids=lambda v: v.name if isinstance(v, T) else str(v))
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_mat_vec_each_type(poison_outputs, qtype, k, batch):
+    rows = 37 if k <= 4128 else 21  # not a multiple of the 16-row tile
+    check_mat_vec_cuda([(qtype, rows)], k, batch)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 33, 64, 100])
+def test_mat_vec_batch_sizes(poison_outputs, batch):
+    check_mat_vec_cuda([(T.Q4_K, 40), (T.Q6_K, 9)], 512, batch)
+
+
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 300])
+def test_mat_vec_row_counts(poison_outputs, rows):
+    check_mat_vec_cuda([(T.Q4_K, rows)], 4096, 1)
+
+
+@pytest.mark.parametrize("specs", [
+    [(T.Q4_K, 64), (T.Q4_K, 16), (T.Q6_K, 16)],                              # Q4_K_M attention
+    [(T.Q4_K, 33), (T.Q6_K, 17)],                                            # odd sizes
+    [(T.Q4_K, 17), (T.Q5_K, 5), (T.Q6_K, 3), (T.Q4_0, 9), (T.Q8_0, 4), (T.Q5_0, 3)],  # every type
+    [(T.Q6_K, 1), (T.Q4_0, 1), (T.Q6_K, 3)],                                 # tiny, unaligned rows
+], ids=["q4k_q4k_q6k", "q4k_q6k_odd", "every_type", "tiny"])
+@pytest.mark.parametrize("k", [256, 14336])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_mat_vec_mixed_segments(poison_outputs, specs, k, batch):
+    check_mat_vec_cuda(specs, k, batch)
+
+
+def test_mat_vec_more_segments_than_one_launch(poison_outputs):
+    types = [T.Q4_0, T.Q4_K, T.Q6_K, T.Q8_0, T.Q5_K, T.Q5_0]
+    check_mat_vec_cuda([(types[i % len(types)], 1 + (7 * i) % 23) for i in range(21)], 512, 3)
+
+
+def test_mat_vec_large_layer(poison_outputs):
+    # a whole fused QKV of a 4096-wide model: many tiles per CTA and the L2 prefetch cap
+    check_mat_vec_cuda([(T.Q4_K, 4096), (T.Q4_K, 1024), (T.Q6_K, 1024)], 4096, 2)
+
+
+def test_mat_vec_is_deterministic(poison_outputs):
+    segments, buf, qtypes, rows, offsets = make_fused([(T.Q4_K, 200), (T.Q6_K, 50)], 4096)
+    xq = ggfuse.quantize_q8_1(randn(4, 4096).to(DEV))
+    buf = buf.to(DEV)
+    a = ggfuse.mat_vec_q8_1(xq, buf, qtypes, rows, offsets)
+    b = ggfuse.mat_vec_q8_1(xq, buf, qtypes, rows, offsets)
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- the fused layer and the hot path
+
+def make_layer(k=4096, sizes=(512, 128, 128), types=(T.Q4_K, T.Q4_K, T.Q6_K)):
+    members = [(name, torch.from_numpy(weight_rows(t, n, k)), t)
+               for name, n, t in zip(("q", "k", "v"), sizes, types)]
+    return members, ggfuse.FusedQuantLinear(members, device=DEV)
+
+
+@pytest.mark.parametrize("batch", [1, 5, 8, 12])
+def test_rms_norm_mat_vec_matches_members_and_cpu(poison_outputs, batch):
+    members, fused = make_layer()
+    x = randn(batch, 4096, dtype=torch.bfloat16)
+    nw = (1.0 + 0.2 * torch.randn(4096)).to(torch.bfloat16)
+    eps = 1e-5
+    out = ggfuse.rms_norm_mat_vec(x.to(DEV), nw.to(DEV), eps, fused)
+    assert out.shape == (batch, 768) and out.device.type == "cuda"
+    # per member, through the same Q8_1 activations
+    xq = ggfuse.rms_norm_mul_q8_1(x.to(DEV), nw.to(DEV), eps)
+    parts = [ggfuse.mat_vec_q8_1(xq, w.reshape(-1).to(DEV), [t], [w.shape[0]], [0]) for _, w, t in members]
+    assert rel_err(out, torch.cat(parts, dim=1).double().cpu().numpy()) < 1e-6
+    # against the CPU path and the float reference
+    cpu = ggfuse.FusedQuantLinear(members).rms_norm_forward(x, nw, eps)
+    assert rel_err(out, cpu.double().numpy()) < 1e-3  # rare ±1 quant flips at rounding ties
+    y = oracle.rms_norm_ref(x.double().numpy(), nw.double().numpy(), eps)
+    segs = [(w.numpy(), t) for _, w, t in members]
+    if batch * 768 >= MIN_OUTPUTS_FOR_FLOAT_CHECK:
+        assert rel_err(out, float_mat_vec(segs, y)) < FLOAT_TOL
+    assert rel_err(out, exact_mat_vec(segs, xq.cpu().numpy())) < CUDA_EXACT_TOL
+
+
+@pytest.mark.parametrize("x_dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [1, 3, 8, 9, 20])
+def test_rms_norm_mat_vec_op(poison_outputs, x_dtype, w_dtype, batch):
+    # The one-kernel path (batch <= 8) and its two-kernel fallback against the two ops and the CPU.
+    specs = [(T.Q4_K, 40), (T.Q6_K, 9), (T.Q4_0, 5)]
+    segments, buf, qtypes, rows, offsets = make_fused(specs, 512)
+    x = randn(batch, 512, dtype=x_dtype)
+    nw = (1.0 + 0.2 * torch.randn(512)).to(w_dtype)
+    got = ggfuse.ops.rms_norm_mat_vec_q8_1(x.to(DEV), nw.to(DEV), 1e-5, buf.to(DEV), qtypes, rows, offsets)
+    assert got.shape == (batch, sum(rows)) and got.dtype == torch.float32
+    xq = ggfuse.rms_norm_mul_q8_1(x.to(DEV), nw.to(DEV), 1e-5)  # the same Q8_1 bytes, by construction
+    two = ggfuse.mat_vec_q8_1(xq, buf.to(DEV), qtypes, rows, offsets)
+    assert rel_err(got, two.double().cpu().numpy()) < 1e-6
+    assert rel_err(got, exact_mat_vec(segments, xq.cpu().numpy())) < CUDA_EXACT_TOL
+    cpu = ggfuse.ops.rms_norm_mat_vec_q8_1(x, nw, 1e-5, buf, qtypes, rows, offsets)
+    assert rel_err(got, cpu.double().numpy()) < 1e-3  # rare ±1 quant flips at rounding ties
+
+
+def test_rms_norm_mat_vec_op_shapes_and_views(poison_outputs):
+    # leading dimensions, an x that is not 16-byte aligned, and more segments than one launch takes
+    types = [T.Q4_K, T.Q6_K, T.Q4_0, T.Q8_0, T.Q5_K, T.Q5_0]
+    specs = [(types[i % len(types)], 1 + (5 * i) % 17) for i in range(19)]
+    segments, buf, qtypes, rows, offsets = make_fused(specs, 256)
+    base = randn(2 * 3 * 256 + 2, dtype=torch.bfloat16).to(DEV)
+    x = base[2:].view(2, 3, 256)
+    assert x.data_ptr() % 16 != 0
+    nw = torch.rand(256, device=DEV) + 0.5
+    got = ggfuse.ops.rms_norm_mat_vec_q8_1(x, nw, 1e-6, buf.to(DEV), qtypes, rows, offsets)
+    assert got.shape == (2, 3, sum(rows))
+    xq = ggfuse.rms_norm_mul_q8_1(x, nw, 1e-6).reshape(6, -1)
+    two = ggfuse.mat_vec_q8_1(xq, buf.to(DEV), qtypes, rows, offsets).reshape(2, 3, -1)
+    assert rel_err(got, two.double().cpu().numpy()) < 1e-6
+
+
+def test_cuda_graph_capture_and_replay():
+    members, fused = make_layer()
+    nw = (1.0 + 0.2 * torch.randn(4096, device=DEV)).to(torch.bfloat16)
+    static_x = randn(2, 4096, dtype=torch.bfloat16).to(DEV)
+    eager = ggfuse.rms_norm_mat_vec(static_x, nw, 1e-6, fused)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up on a side stream, as torch recommends before capture
+        ggfuse.rms_norm_mat_vec(static_x, nw, 1e-6, fused)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_out = ggfuse.rms_norm_mat_vec(static_x, nw, 1e-6, fused)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, eager)
+    for _ in range(3):  # new inputs through the same graph
+        static_x.copy_(randn(2, 4096, dtype=torch.bfloat16).to(DEV))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, ggfuse.rms_norm_mat_vec(static_x, nw, 1e-6, fused))
+
+
+def test_torch_compile_reduce_overhead():
+    members, fused = make_layer()
+    nw = (1.0 + 0.2 * torch.randn(4096, device=DEV)).to(torch.bfloat16)
+
+    def step(x):
+        return ggfuse.rms_norm_mat_vec(x, nw, 1e-6, fused) * 2.0
+
+    compiled = torch.compile(step, mode="reduce-overhead")
+    for _ in range(4):  # the first calls record, later ones replay the graph
+        x = randn(3, 4096, dtype=torch.bfloat16).to(DEV)
+        got = compiled(x).clone()
+        torch.testing.assert_close(got, step(x), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- devices
+
+def test_mixed_devices_are_rejected():
+    x = randn(2, 256)
+    xq = ggfuse.quantize_q8_1(x)
+    w = torch.from_numpy(weight_rows(T.Q4_K, 3, 256)).reshape(-1)
+    with pytest.raises(RuntimeError, match="device|cuda|cpu"):
+        ggfuse.mat_vec_q8_1(xq.to(DEV), w, [T.Q4_K], [3], [0])
+    with pytest.raises(RuntimeError, match="device|cuda|cpu"):
+        ggfuse.rms_norm_mul_q8_1(x.to(DEV), torch.ones(256), 1e-6)
+
+
+def test_quantize_stays_cpu_only():
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        ggfuse.quantize(randn(2, 256).to(DEV), T.Q4_K)
+
+
+def test_errors_match_cpu():
+    # the same checks run before any CUDA work: same exception types as on the CPU
+    buf = torch.zeros(4096, dtype=torch.uint8)
+    xq = ggfuse.quantize_q8_1(randn(1, 256))
+    for dev in ("cpu", DEV):
+        with pytest.raises(ValueError, match="aligned"):
+            ggfuse.mat_vec_q8_1(xq.to(dev), buf.to(dev)[1:1 + 144 * 3], [T.Q4_K], [3], [0])
+        with pytest.raises(NotImplementedError):
+            ggfuse.mat_vec_q8_1(xq.to(dev), buf.to(dev), [T.Q4_1], [3], [0])
+        with pytest.raises(TypeError):
+            ggfuse.quantize_q8_1(torch.zeros(2, 64, dtype=torch.int32, device=dev))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_device_guard_second_gpu():
+    members, fused0 = make_layer(k=512, sizes=(64, 16, 16))
+    fused1 = ggfuse.FusedQuantLinear(members, device="cuda:1")
+    x = randn(2, 512, dtype=torch.bfloat16)
+    nw = torch.ones(512, dtype=torch.bfloat16)
+    ref = ggfuse.rms_norm_mat_vec(x.to("cuda:0"), nw.to("cuda:0"), 1e-6, fused0)
+    with torch.cuda.device(0):  # current device 0, tensors on device 1
+        out = ggfuse.rms_norm_mat_vec(x.to("cuda:1"), nw.to("cuda:1"), 1e-6, fused1)
+    assert out.device == torch.device("cuda:1")
+    torch.cuda.synchronize(1)
+    assert torch.equal(out.cpu(), ref.cpu())
+    with torch.cuda.device(1):
+        out0 = ggfuse.rms_norm_mat_vec(x.to("cuda:0"), nw.to("cuda:0"), 1e-6, fused0)
+    assert torch.equal(out0.cpu(), ref.cpu())
+    with pytest.raises(RuntimeError):
+        ggfuse.mat_vec_q8_1(ggfuse.quantize_q8_1(x.float().to("cuda:0")), fused1.weight,
+                            fused1.seg_qtypes, fused1.seg_rows, fused1.seg_offsets)
