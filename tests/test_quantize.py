@@ -11,7 +11,6 @@ Every test draws fresh random data; the seed is in each assertion message so a f
 """
 
 import random
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -22,8 +21,8 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 import ggfuse
+import oracle
 
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
 F32 = np.float32
 BLOCK = {T.Q4_0: (32, 18), T.Q8_0: (32, 34), T.Q4_K: (256, 144), T.Q6_K: (256, 210)}
 
@@ -405,9 +404,8 @@ def _stats(bytes_q40, bytes_k, qtype):
 @pytest.fixture(scope="module")
 def llama_cpp_stats():
     """The statistics of llama.cpp's K-quant bytes against its Q4_0 bytes of the same weights."""
-    p0, pk = TESTDATA / "tiny-llama-q4_0.gguf", TESTDATA / "tiny-llama-q4_k_m.gguf"
-    if not (p0.exists() and pk.exists()):
-        pytest.skip(f"test models not found under {TESTDATA}")
+    # the models are required: a missing ../shared/testdata fails here rather than skipping
+    p0, pk = oracle.testdata_path("tiny-llama-q4_0.gguf"), oracle.testdata_path("tiny-llama-q4_k_m.gguf")
     r0 = {t.name: t for t in gguf.GGUFReader(p0).tensors}
     rk = {t.name: t for t in gguf.GGUFReader(pk).tensors}
     out = {}
