@@ -110,6 +110,14 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   rc=$?
   grep -E "passed|failed" "$OUT/pytest.log" | tail -1 | tee -a "$SUMMARY"
   stage_end pytest-cuda-fused-norm $rc
+  # the dp4a small-batch kernel for every type and batch chunk (by default only Q4_K weights at B <= 2
+  # take it): the mat-vec tests again with GGFUSE_MV_DP4A=8
+  stage_start
+  (cd /tmp && GGFUSE_MV_DP4A=8 GGFUSE_REQUIRE_CUDA=1 timeout 120 python3 -m pytest "$REPO/tests/test_cuda.py" \
+     -q -p no:cacheprovider -rfE -k "mat_vec or graph or compile" >>"$OUT/pytest.log" 2>&1)
+  rc=$?
+  grep -E "passed|failed" "$OUT/pytest.log" | tail -1 | tee -a "$SUMMARY"
+  stage_end pytest-cuda-dp4a-forced $rc
   [ "${SKIP_CPU_TESTS:-0}" = 1 ] || { stage_start
   (cd /tmp && GGFUSE_REQUIRE_CUDA=1 timeout 240 python3 -m pytest "$REPO/tests" -q -p no:cacheprovider \
      --ignore "$REPO/tests/test_cuda.py" -rfE >>"$OUT/pytest.log" 2>&1)

@@ -26,7 +26,8 @@
 //   * rms_norm_mat_vec_q8_1 can also run the norm inside this kernel (every CTA quantizes x into
 //     shared memory, in the standalone norm kernel's order); with PDL the separate norm kernel
 //     measured faster, so that is behind GGFUSE_FUSED_NORM=1.
-// Batches above 8 are processed 8 rows per launch.
+// Batches above 8 are processed 8 rows per launch. Chunks of <= 2 rows of Q4_K-only weights go to the
+// dp4a kernel instead (mat_vec_dp4a.cu), where it measured faster.
 #include <algorithm>
 #include <cstdlib>
 
@@ -49,6 +50,12 @@ constexpr int kMaxPartialBytes = 64 * 1024;
 constexpr int kScratchFloats = 256;  // per warp: one item's scales as floats (16 groups x 16 rows)
 constexpr uint32_t kNibbles = 0x0F0F0F0Fu;
 constexpr uint32_t kOnes = 0x01010101u;
+// When the dp4a kernel (mat_vec_dp4a.cu) runs instead of this one, from the H200 measurements in
+// docs/PERFORMANCE.md (v7): weights made only of Q4_K rows, batch chunks of 1-2 (QKV 5.3 vs 9.2 us at
+// B=1, 6.8 vs 10.3 at B=2; equal or slower from B=4; slower whenever Q4_0 or Q6_K rows are in the
+// launch). GGFUSE_MV_DP4A=N forces it for every chunk of <= N rows and every type (0: never).
+constexpr int kDp4aAutoMaxBatch = 2;
+constexpr int kDp4aAutoTypes = 8;  // type_bit(kQ4_K)
 
 // Shared-memory bytes per row of a stage, per type: room for the 16-byte granules that enclose 256
 // values of a row starting at any even offset, and = 16 (mod 32) so that the 8 rows read by one
@@ -761,7 +768,9 @@ int max_tiles_for(const Params& p, int grid) {
 // GGFUSE_MV_STAGES (2..4; default 2), GGFUSE_MV_KGROUPS (1..16, a power of two; default chosen per
 // launch), GGFUSE_MV_PREFETCH=1 (bulk L2 prefetch of each CTA's weights; default off: it measured
 // 13% slower), GGFUSE_FUSED_NORM=1 (rms_norm_mat_vec_q8_1 normalizes inside the mat-vec kernel;
-// default off: with PDL the separate norm kernel measured faster).
+// default off: with PDL the separate norm kernel measured faster), GGFUSE_MV_DP4A (the largest
+// batch chunk that runs mat_vec_dp4a.cu's kernel for every type; 0: never; unset: the measured rule
+// above kDp4aAutoMaxBatch).
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   return v != nullptr && *v != '\0' ? std::atoi(v) : fallback;
@@ -771,6 +780,7 @@ struct Overrides {
   int k_groups = env_int("GGFUSE_MV_KGROUPS", 0);
   bool prefetch = env_int("GGFUSE_MV_PREFETCH", 0) != 0;
   bool fused_norm = env_int("GGFUSE_FUSED_NORM", 0) != 0;
+  int dp4a_forced = env_int("GGFUSE_MV_DP4A", -1);  // -1: the measured rule
 };
 const Overrides& overrides() {
   static const Overrides o;
@@ -905,12 +915,19 @@ cudaError_t mat_vec_q8_1(const uint8_t* weight, const SegmentTable& table, int64
   Params p{};
   const int types = fill_params(p, weight, table, k, n_out);
   if (types < 0) return cudaErrorInvalidValue;
-  // Batch rows 8 at a time (the N of the MMA).
+  // Batch rows 8 at a time (the N of the MMA); small chunks of Q4_K weights take the dp4a kernel.
   for (int64_t b0 = 0; b0 < batch; b0 += kMaxCols) {
     p.x = x_q8 + b0 * p.x_row_bytes;
     p.out = out + b0 * n_out;
     p.batch = static_cast<int32_t>(std::min<int64_t>(kMaxCols, batch - b0));
-    err = launch_any(p, types, device, stream);
+    err = cudaErrorNotSupported;
+    const int forced = overrides().dp4a_forced;
+    const bool dp4a = forced < 0 ? p.batch <= kDp4aAutoMaxBatch && (types & ~kDp4aAutoTypes) == 0
+                                 : p.batch <= forced;
+    if (dp4a) {  // NotSupported: x does not fit in shared memory
+      err = mat_vec_q8_1_dp4a(weight, table, k, p.x, p.batch, p.out, n_out, stream);
+    }
+    if (err == cudaErrorNotSupported) err = launch_any(p, types, device, stream);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;

@@ -27,6 +27,14 @@ cudaError_t mat_vec_q8_1(const uint8_t* weight, const SegmentTable& table, int64
                          const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out,
                          cudaStream_t stream);
 
+// The same for batch 1..8 with one warp per row and dp4a (mat_vec_dp4a.cu); mat_vec_q8_1 calls it
+// for the launches where it measured faster (Q4_K-only weights, chunks of <= 2 rows; GGFUSE_MV_DP4A=N
+// forces it for every type and chunks of <= N rows, 0 never).
+// Returns cudaErrorNotSupported, having launched nothing, when x does not fit in shared memory.
+cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, const SegmentTable& table, int64_t k,
+                              const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out,
+                              cudaStream_t stream);
+
 // rms_norm_mul_q8_1 fused into mat_vec_q8_1 for batch <= 8: every CTA of the mat-vec normalizes and
 // quantizes x [batch, k] itself (into shared memory: the bytes rms_norm_mul_q8_1 writes), so one
 // launch replaces two. Returns cudaErrorNotSupported, having launched nothing, when batch > 8, the
