@@ -65,6 +65,26 @@ def random_blocks(qtype: T, rows: int, k: int, gen: np.random.Generator | None =
     return blocks.reshape(rows, nb * nbytes)
 
 
+def fused_buffer(specs, k: int, rows_fn=random_blocks):
+    """A multi-segment fused weight from `specs = [(qtype, rows)]`: segment i is `rows_fn(qtype, rows,
+    k)` at the next 16-byte boundary. Gaps hold random bytes (they must never matter) and the buffer
+    ends at the last row's last byte, so a kernel reading past it is caught (sanitizer, CPU bounds).
+    Returns (segments [(bytes, qtype)], buffer uint8 tensor, qtypes, rows, offsets)."""
+    gen = rng()
+    segments, offsets, pieces, total = [], [], [], 0
+    for qtype, rows in specs:
+        w = rows_fn(qtype, rows, k)
+        pad = -total % 16
+        pieces.append(gen.integers(0, 256, size=pad, dtype=np.uint8))
+        total += pad
+        offsets.append(total)
+        pieces.append(w.reshape(-1))
+        total += w.size
+        segments.append((w, qtype))
+    buf = torch.from_numpy(np.concatenate(pieces))
+    return segments, buf, [t for t, _ in specs], [r for _, r in specs], offsets
+
+
 def dequantize_weight(w: np.ndarray, qtype: T) -> np.ndarray:
     """gguf-py's dequantize of bytes [rows, row_bytes], as float64."""
     if qtype == T.F32:

@@ -159,22 +159,8 @@ def weight_rows(qtype, rows, k):
     return random_blocks(qtype, rows, k)
 
 
-def make_fused(specs, k, pad_bytes=True):
-    """specs = [(qtype, rows)] -> (segments [(bytes, qtype)], buffer, qtypes, rows, offsets).
-    Gaps between segments hold random bytes (they must never matter); the buffer ends exactly at the
-    last row, so a kernel reading past it would be caught by the sanitizer."""
-    segments, offsets, pieces, total = [], [], [], 0
-    for qtype, rows in specs:
-        w = weight_rows(qtype, rows, k)
-        pad = -total % 16
-        pieces.append(np.random.randint(0, 256, size=pad, dtype=np.uint8))
-        total += pad
-        offsets.append(total)
-        pieces.append(w.reshape(-1))
-        total += w.size
-        segments.append((w, qtype))
-    buf = torch.from_numpy(np.concatenate(pieces))
-    return segments, buf, [t for t, _ in specs], [r for _, r in specs], offsets
+def make_fused(specs, k):
+    return oracle.fused_buffer(specs, k, rows_fn=weight_rows)
 
 
 def check_mat_vec_cuda(specs, k, batch):

@@ -124,19 +124,7 @@ def test_dequantize_leading_dims_and_q8_1():
 # ---------------------------------------------------------------- mat_vec_q8_1
 
 def make_fused(segment_specs, k):
-    """segment_specs = [(qtype, rows)] -> (segments [(bytes, qtype)], buffer, qtypes, rows, offsets)."""
-    segments, offsets, pieces, total = [], [], [], 0
-    for qtype, rows in segment_specs:
-        w = random_blocks(qtype, rows, k)
-        pad = -total % 16
-        pieces.append(np.zeros(pad, np.uint8))
-        total += pad
-        offsets.append(total)
-        pieces.append(w.reshape(-1))
-        total += w.size
-        segments.append((w, qtype))
-    buf = torch.from_numpy(np.concatenate(pieces))
-    return segments, buf, [t for t, _ in segment_specs], [r for _, r in segment_specs], offsets
+    return oracle.fused_buffer(segment_specs, k)
 
 
 def check_mat_vec(segment_specs, k, batch):
