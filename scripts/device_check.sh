@@ -103,21 +103,19 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -30 | tee -a "$SUMMARY"
   grep -E "passed|failed" "$OUT/pytest.log" | tail -1 | tee -a "$SUMMARY"
   stage_end pytest-cuda $rc
-  # the one-kernel norm + mat-vec (off by default) through the same tests of the hot path
-  stage_start
-  (cd /tmp && GGFUSE_FUSED_NORM=1 GGFUSE_REQUIRE_CUDA=1 timeout 120 python3 -m pytest "$REPO/tests/test_cuda.py" \
-     -q -p no:cacheprovider -rfE -k "rms_norm_mat_vec or graph or compile" >>"$OUT/pytest.log" 2>&1)
-  rc=$?
-  grep -E "passed|failed" "$OUT/pytest.log" | tail -1 | tee -a "$SUMMARY"
-  stage_end pytest-cuda-fused-norm $rc
-  # the dp4a small-batch kernel for every type and batch chunk (by default only Q4_K weights at B <= 2
-  # take it): the mat-vec tests again with GGFUSE_MV_DP4A=8
-  stage_start
-  (cd /tmp && GGFUSE_MV_DP4A=8 GGFUSE_REQUIRE_CUDA=1 timeout 120 python3 -m pytest "$REPO/tests/test_cuda.py" \
-     -q -p no:cacheprovider -rfE -k "mat_vec or graph or compile" >>"$OUT/pytest.log" 2>&1)
-  rc=$?
-  grep -E "passed|failed" "$OUT/pytest.log" | tail -1 | tee -a "$SUMMARY"
-  stage_end pytest-cuda-dp4a-forced $rc
+  # Reruns of CUDA tests with a kernel choice that is off by default: NAME, an ENV=VALUE, a -k filter.
+  cuda_variant_stage() {
+    stage_start
+    (cd /tmp && env "$2" GGFUSE_REQUIRE_CUDA=1 timeout 120 python3 -m pytest "$REPO/tests/test_cuda.py" \
+       -q -p no:cacheprovider -rfE -k "$3" >>"$OUT/pytest.log" 2>&1)
+    local rc=$?
+    grep -E "passed|failed" "$OUT/pytest.log" | tail -1 | tee -a "$SUMMARY"
+    stage_end "$1" $rc
+  }
+  # the one-kernel norm + mat-vec through the tests of the hot path
+  cuda_variant_stage pytest-cuda-fused-norm GGFUSE_FUSED_NORM=1 "rms_norm_mat_vec or graph or compile"
+  # the dp4a small-batch kernel for every type and batch chunk (by default only Q4_K weights at B <= 2)
+  cuda_variant_stage pytest-cuda-dp4a-forced GGFUSE_MV_DP4A=8 "mat_vec or graph or compile"
   [ "${SKIP_CPU_TESTS:-0}" = 1 ] || { stage_start
   (cd /tmp && GGFUSE_REQUIRE_CUDA=1 timeout 240 python3 -m pytest "$REPO/tests" -q -p no:cacheprovider \
      --ignore "$REPO/tests/test_cuda.py" -rfE >>"$OUT/pytest.log" 2>&1)

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, quants
+from gguf import GGMLQuantizationType
 
 from . import ops
-from .formats import MAT_VEC_TYPES, DEQUANTIZE_TYPES, as_qtype, values_per_row
+from .formats import MAT_VEC_TYPES, as_qtype, values_per_row
 
 SEGMENT_ALIGN = 16  # bytes; matches kSegmentAlign in csrc/ggfuse/formats.h
 
@@ -29,13 +29,6 @@ def _as_byte_rows(name: str, w) -> torch.Tensor:
         raise TypeError(f"member {name!r}: weight must be uint8 [rows, row_bytes] GGUF bytes, got "
                         f"{w.dtype} {tuple(w.shape)}")
     return w
-
-
-def _dequantize_float(w: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
-    if qtype in DEQUANTIZE_TYPES:
-        return ops.dequantize(w.contiguous(), qtype)
-    # Types ggfuse has no kernel for: gguf-py's reference dequantizer (load time only).
-    return torch.from_numpy(quants.dequantize(w.cpu().numpy(), qtype).astype(np.float32)).to(w.device)
 
 
 class FusedQuantLinear(torch.nn.Module):
@@ -123,7 +116,7 @@ class FusedQuantLinear(torch.nn.Module):
             rb = self._row_bytes[i]
             dest[row_begin * rb:(row_begin + n) * rb].copy_(rows.reshape(-1))
         else:
-            dest[row_begin:row_begin + n].copy_(_dequantize_float(rows, self.qtypes[i]))
+            dest[row_begin:row_begin + n].copy_(ops.dequantize_any(rows, self.qtypes[i]))
 
     @property
     def total_out_features(self) -> int:

@@ -905,18 +905,6 @@ class _ChunkedFileCopier:
             self.fd = -1
 
 
-def _float_rows(rows: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
-    """GGUF rows (uint8 bytes, or float32/float16 values) of qtype as float32 [rows, K], on the CPU."""
-    if qtype == GGMLQuantizationType.F32:
-        return torch.from_numpy(np.ascontiguousarray(rows).view(np.float32))
-    if qtype == GGMLQuantizationType.F16:
-        return torch.from_numpy(np.ascontiguousarray(rows).view(np.float16)).float()
-    b = torch.from_numpy(np.ascontiguousarray(rows).view(np.uint8))
-    if qtype in DEQUANTIZE_TYPES:
-        return ops.dequantize(b, qtype)
-    return torch.from_numpy(quants.dequantize(b.numpy(), qtype).astype(np.float32, copy=False))
-
-
 # ------------------------------------------------------------------------------------------------
 # 5. The public objects
 # ------------------------------------------------------------------------------------------------
@@ -935,7 +923,7 @@ class QuantizedTensor:
     def dequantize(self) -> torch.Tensor:
         """float32 tensor of `shape`, on the CPU."""
         rows = self.data.cpu().reshape(-1, self.data.shape[-1])
-        return _float_rows(rows.numpy(), self.qtype).reshape(self.shape)
+        return ops.dequantize_any(rows.numpy(), self.qtype).reshape(self.shape)
 
 
 @dataclass(frozen=True)
@@ -1195,7 +1183,7 @@ def _group_on_device(plan: _GroupPlan, reader_tensors: dict, device: torch.devic
 
     def small(name: str) -> torch.Tensor:
         t = reader_tensors[name]
-        return _float_rows(t.data.reshape(1, -1), t.tensor_type).reshape(-1).clone().to(device)
+        return ops.dequantize_any(t.data.reshape(1, -1), t.tensor_type).reshape(-1).clone().to(device)
 
     group.register_buffer("norm_weight", small(plan.norm))
     group.register_buffer("norm_bias", small(plan.norm_bias) if plan.norm_bias else None)

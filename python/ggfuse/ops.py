@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, quants
 
-from .formats import Q8_1_BLOCK_BYTES, Q8_1_BLOCK_VALUES, as_qtype
-from gguf import GGML_QUANT_SIZES
+from .formats import DEQUANTIZE_TYPES, Q8_1_BLOCK_BYTES, Q8_1_BLOCK_VALUES, as_qtype
 
 _ops = torch.ops.ggfuse
 
@@ -36,6 +37,22 @@ def rms_norm_mul_q8_1(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, 
 def dequantize(w: torch.Tensor, qtype) -> torch.Tensor:
     """GGUF bytes uint8 [..., row_bytes] of `qtype` to float32 [..., K]."""
     return _ops.dequantize(w, int(as_qtype(qtype)))
+
+
+def dequantize_any(rows, qtype) -> torch.Tensor:
+    """GGUF rows of any type gguf-py reads -> float32 [..., K], on the rows' device.
+
+    `rows` is a uint8 tensor or numpy array of GGUF bytes, or the float array gguf-py's reader gives for
+    F32/F16 tensors. ggfuse's kernel does the types it has (`dequantize`); the others (Q4_1, Q2_K,
+    IQ*, ...) go through gguf-py's reference dequantizer on the CPU: a load-time path, never a hot one.
+    """
+    qt = as_qtype(qtype)
+    if isinstance(rows, np.ndarray):
+        rows = torch.from_numpy(np.ascontiguousarray(rows).view(np.uint8))
+    if qt in DEQUANTIZE_TYPES:
+        return dequantize(rows.contiguous(), qt)
+    out = quants.dequantize(rows.cpu().numpy(), qt).astype(np.float32, copy=False)
+    return torch.from_numpy(out).to(rows.device)
 
 
 def quantize(x: torch.Tensor, qtype) -> torch.Tensor:
