@@ -39,5 +39,10 @@ if [ -f csrc/torch/ops_cuda.cpp ]; then
   "$NVCC" -std=c++17 -x c++ -Xcompiler=-Wall -Icsrc $inc -DGGFUSE_WITH_CUDA -DUSE_CUDA \
     -D_GLIBCXX_USE_CXX11_ABI="$abi" -c csrc/torch/ops_cuda.cpp -o "$out/ops_cuda.o"
   n=$((n + 1))
+  echo "host compile with CUDA and torch headers: csrc/torch/probe_cuda.cpp"
+  # shellcheck disable=SC2086
+  "$NVCC" -std=c++17 -x c++ -Xcompiler=-Wall -Icsrc $inc -DGGFUSE_WITH_CUDA -DUSE_CUDA \
+    -D_GLIBCXX_USE_CXX11_ABI="$abi" -c csrc/torch/probe_cuda.cpp -o "$out/probe_cuda.o"
+  n=$((n + 1))
 fi
 echo "check_cuda_compile: $n CUDA sources compiled"

@@ -103,18 +103,22 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -30 | tee -a "$SUMMARY"
   grep -E "passed|failed" "$OUT/pytest.log" | tail -1 | tee -a "$SUMMARY"
   stage_end pytest-cuda $rc
-  # Reruns of CUDA tests with a kernel choice that is off by default: NAME, an ENV=VALUE, a -k filter.
+  # Reruns of CUDA tests with a kernel choice that is off by default: NAME, "ENV=VALUE ...", a -k filter.
   cuda_variant_stage() {
     stage_start
-    (cd /tmp && env "$2" GGFUSE_REQUIRE_CUDA=1 timeout 120 python3 -m pytest "$REPO/tests/test_cuda.py" \
+    # shellcheck disable=SC2086
+    (cd /tmp && env $2 GGFUSE_REQUIRE_CUDA=1 timeout 120 python3 -m pytest "$REPO/tests/test_cuda.py" \
        -q -p no:cacheprovider -rfE -k "$3" >>"$OUT/pytest.log" 2>&1)
     local rc=$?
     grep -E "passed|failed" "$OUT/pytest.log" | tail -1 | tee -a "$SUMMARY"
     stage_end "$1" $rc
   }
-  # the one-kernel norm + mat-vec through the tests of the hot path
-  cuda_variant_stage pytest-cuda-fused-norm GGFUSE_FUSED_NORM=1 "rms_norm_mat_vec or graph or compile"
-  # the dp4a small-batch kernel for every type and batch chunk (by default only Q4_K weights at B <= 2)
+  # The kernels that are off by default go through the same tests: the streaming kernel (sm_90, with
+  # and without its norm) for every batch chunk of <= 8 rows,
+  cuda_variant_stage pytest-cuda-stream GGFUSE_MV_STREAM=8 "mat_vec or graph or compile"
+  # the MMA kernel with the norm inside,
+  cuda_variant_stage pytest-cuda-mma-fused-norm GGFUSE_FUSED_NORM=1 "rms_norm_mat_vec or graph or compile"
+  # the dp4a kernel for every type and batch chunk (by default only Q4_K weights at B <= 2).
   cuda_variant_stage pytest-cuda-dp4a-forced GGFUSE_MV_DP4A=8 "mat_vec or graph or compile"
   [ "${SKIP_CPU_TESTS:-0}" = 1 ] || { stage_start
   (cd /tmp && GGFUSE_REQUIRE_CUDA=1 timeout 240 python3 -m pytest "$REPO/tests" -q -p no:cacheprovider \
@@ -200,9 +204,11 @@ EOF
   stage_start
   : >"$OUT/sanitizer.log"
   for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
-    for fused in 0 1; do  # with the norm inside the mat-vec kernel too (GGFUSE_FUSED_NORM)
-      echo "==== compute-sanitizer --tool $tool (GGFUSE_FUSED_NORM=$fused)" >>"$OUT/sanitizer.log"
-      (cd /tmp && GGFUSE_FUSED_NORM=$fused PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer \
+    # the default kernels with the MMA kernel's norm, then the streaming kernel (with its norm)
+    for cfg in "GGFUSE_FUSED_NORM=1" "GGFUSE_MV_STREAM=8"; do
+      echo "==== compute-sanitizer --tool $tool ($cfg)" >>"$OUT/sanitizer.log"
+      # shellcheck disable=SC2086
+      (cd /tmp && env $cfg PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer \
          --tool $tool --print-limit 20 python3 /tmp/sanitize_ops.py >>"$OUT/sanitizer.log" 2>&1)
       echo "rc=$?" >>"$OUT/sanitizer.log"
     done

@@ -234,6 +234,23 @@ def test_mat_vec_large_layer(poison_outputs):
     check_mat_vec_cuda([(T.Q4_K, 4096), (T.Q4_K, 1024), (T.Q6_K, 1024)], 4096, 2)
 
 
+def test_mat_vec_many_chunks_per_cta(poison_outputs):
+    # ~140 KB of weights per SM: the streaming kernel's shared-memory ring (about 100 KB) refills
+    # its slots several times per CTA, across a segment boundary and two row sizes
+    check_mat_vec_cuda([(T.Q4_K, 12000), (T.Q6_K, 3001)], 2048, 3)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_mat_vec_segments_out_of_buffer_order(poison_outputs, batch):
+    # the segment list need not follow the buffer: columns follow the list, bytes the offsets
+    segments, buf, qtypes, rows, offsets = make_fused([(T.Q4_K, 300), (T.Q6_K, 70), (T.Q4_0, 50)], 1024)
+    order = [2, 0, 1]
+    xq = ggfuse.quantize_q8_1(randn(batch, 1024))
+    out = ggfuse.mat_vec_q8_1(xq.to(DEV), buf.to(DEV), [qtypes[i] for i in order], [rows[i] for i in order],
+                              [offsets[i] for i in order])
+    assert rel_err(out, exact_mat_vec([segments[i] for i in order], xq.numpy())) < CUDA_EXACT_TOL
+
+
 def test_mat_vec_is_deterministic(poison_outputs):
     segments, buf, qtypes, rows, offsets = make_fused([(T.Q4_K, 200), (T.Q6_K, 50)], 4096)
     xq = ggfuse.quantize_q8_1(randn(4, 4096).to(DEV))

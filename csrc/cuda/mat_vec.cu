@@ -904,7 +904,7 @@ bool valid_args(const SegmentTable& table, int64_t k) {
 
 }  // namespace
 
-cudaError_t mat_vec_q8_1(const uint8_t* weight, const SegmentTable& table, int64_t k,
+cudaError_t mat_vec_q8_1(const uint8_t* weight, int64_t weight_bytes, const SegmentTable& table, int64_t k,
                          const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out,
                          cudaStream_t stream) {
   if (batch <= 0 || table.count <= 0) return cudaSuccess;
@@ -920,7 +920,12 @@ cudaError_t mat_vec_q8_1(const uint8_t* weight, const SegmentTable& table, int64
     p.x = x_q8 + b0 * p.x_row_bytes;
     p.out = out + b0 * n_out;
     p.batch = static_cast<int32_t>(std::min<int64_t>(kMaxCols, batch - b0));
-    err = cudaErrorNotSupported;
+    // NotSupported: not sm_90, GGFUSE_MV_STREAM, or x / a row does not fit in shared memory
+    err = mat_vec_q8_1_stream(weight, weight_bytes, table, k, p.x, p.batch, p.out, n_out, stream);
+    if (err != cudaErrorNotSupported) {
+      if (err != cudaSuccess) return err;
+      continue;
+    }
     const int forced = overrides().dp4a_forced;
     const bool dp4a = forced < 0 ? p.batch <= kDp4aAutoMaxBatch && (types & ~kDp4aAutoTypes) == 0
                                  : p.batch <= forced;
@@ -934,10 +939,13 @@ cudaError_t mat_vec_q8_1(const uint8_t* weight, const SegmentTable& table, int64
 }
 
 cudaError_t rms_norm_mat_vec_q8_1(const void* x, FloatType x_type, const void* norm_w, FloatType w_type,
-                                  float eps, const uint8_t* weight, const SegmentTable& table,
-                                  int64_t k, int64_t batch, float* out, int64_t n_out,
-                                  cudaStream_t stream) {
+                                  float eps, const uint8_t* weight, int64_t weight_bytes,
+                                  const SegmentTable& table, int64_t k, int64_t batch, float* out,
+                                  int64_t n_out, cudaStream_t stream) {
   if (batch <= 0 || table.count <= 0) return cudaSuccess;
+  const cudaError_t stream_err = rms_norm_mat_vec_q8_1_stream(x, x_type, norm_w, w_type, eps, weight, weight_bytes,
+                                                              table, k, batch, out, n_out, stream);
+  if (stream_err != cudaErrorNotSupported) return stream_err;
   if (batch > kMaxCols || !overrides().fused_norm) return cudaErrorNotSupported;
   if (!valid_args(table, k)) return cudaErrorInvalidValue;
   int device = 0;

@@ -23,7 +23,10 @@ cudaError_t dequantize(int32_t type, const uint8_t* src, int64_t rows, int64_t k
                        cudaStream_t stream);
 
 // out [batch, n_out] float32; the table's segments write columns [row_begin, row_begin + rows).
-cudaError_t mat_vec_q8_1(const uint8_t* weight, const SegmentTable& table, int64_t k,
+// weight_bytes: the size of the weight buffer (no kernel reads past it). With GGFUSE_MV_STREAM=N
+// (opt-in) batch chunks of <= N rows run mat_vec_q8_1_stream on sm_90+ when it accepts them; the
+// others the kernels below.
+cudaError_t mat_vec_q8_1(const uint8_t* weight, int64_t weight_bytes, const SegmentTable& table, int64_t k,
                          const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out,
                          cudaStream_t stream);
 
@@ -40,10 +43,26 @@ cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, const SegmentTable& table, 
 // launch replaces two. Returns cudaErrorNotSupported, having launched nothing, when batch > 8, the
 // activations do not fit in shared memory, or GGFUSE_FUSED_NORM=1 is not set (the two kernels chained
 // by PDL measured faster); the caller then runs the two kernels.
+// Tries rms_norm_mat_vec_q8_1_stream first (below; opt-in), then this MMA kernel when GGFUSE_FUSED_NORM=1.
 cudaError_t rms_norm_mat_vec_q8_1(const void* x, FloatType x_type, const void* norm_w, FloatType w_type,
-                                  float eps, const uint8_t* weight, const SegmentTable& table,
-                                  int64_t k, int64_t batch, float* out, int64_t n_out,
-                                  cudaStream_t stream);
+                                  float eps, const uint8_t* weight, int64_t weight_bytes,
+                                  const SegmentTable& table, int64_t k, int64_t batch, float* out,
+                                  int64_t n_out, cudaStream_t stream);
+
+// The streaming kernel (mat_vec_stream.cu), sm_90+, batch 1..8: each CTA (one per SM, half an SM's
+// resources) bulk-copies its share of the weights into shared memory before the PDL wait, so the
+// next layer's weights stream while this layer computes; the dp4a arithmetic, the same bits as
+// mat_vec_q8_1_dp4a. The norm variant also normalizes and quantizes x in every CTA (one launch per
+// layer). Opt-in: it measured slower than the default kernels (mat_vec_stream.cu says why).
+// Returns cudaErrorNotSupported, having launched nothing, on older GPUs, for batch > 8 or above
+// GGFUSE_MV_STREAM=N (unset or 0: always), or when x or a row does not fit in shared memory.
+cudaError_t mat_vec_q8_1_stream(const uint8_t* weight, int64_t weight_bytes, const SegmentTable& table, int64_t k,
+                                const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out,
+                                cudaStream_t stream);
+cudaError_t rms_norm_mat_vec_q8_1_stream(const void* x, FloatType x_type, const void* norm_w, FloatType w_type,
+                                         float eps, const uint8_t* weight, int64_t weight_bytes,
+                                         const SegmentTable& table, int64_t k, int64_t batch, float* out,
+                                         int64_t n_out, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace ggfuse

@@ -95,15 +95,17 @@ at::Tensor mat_vec_q8_1_cuda(const at::Tensor& x_q8, const at::Tensor& weight, a
       table.seg[i] = layout.segments[first + i];
       table.total_rows += table.seg[i].rows;
     }
-    C10_CUDA_CHECK(cuda::mat_vec_q8_1(wp, table, layout.k, xp, layout.batch, op, layout.n_out, stream));
+    C10_CUDA_CHECK(cuda::mat_vec_q8_1(wp, weight.numel(), table, layout.k, xp, layout.batch, op, layout.n_out,
+                                      stream));
   }
   return out;
 }
 
 // The decode hot path: norm -> Q8_1 -> fused mat-vec, one dispatch. By default the norm kernel writes
-// the Q8_1 rows and the mat-vec (chained to it by PDL) reads them; with GGFUSE_FUSED_NORM=1 and up to
-// 8 rows one kernel per (up to 16) segments does both, every CTA normalizing x itself, unless the
-// activations do not fit in its shared memory (cuda::rms_norm_mat_vec_q8_1 then declines).
+// the Q8_1 rows and the mat-vec (chained to it by PDL) reads them. Opt-in, for up to 8 rows, one
+// kernel per (up to 16) segments does both, every CTA normalizing x itself: the streaming kernel on
+// sm_90 with GGFUSE_MV_STREAM=N, or the MMA kernel with GGFUSE_FUSED_NORM=1 (both measured slower);
+// cuda::rms_norm_mat_vec_q8_1 declines (NotSupported) when neither applies or x does not fit.
 at::Tensor rms_norm_mat_vec_q8_1_cuda(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
                                       const at::Tensor& weight, at::IntArrayRef qtypes,
                                       at::IntArrayRef rows, at::IntArrayRef offsets) {
@@ -133,8 +135,8 @@ at::Tensor rms_norm_mat_vec_q8_1_cuda(const at::Tensor& x, const at::Tensor& nor
     }
     if (!have_q8) {
       const cudaError_t err = cuda::rms_norm_mat_vec_q8_1(
-          x.const_data_ptr(), xt, norm_weight.const_data_ptr(), wt, static_cast<float>(eps), wp, table,
-          layout.k, layout.batch, op_out, layout.n_out, stream);
+          x.const_data_ptr(), xt, norm_weight.const_data_ptr(), wt, static_cast<float>(eps), wp,
+          weight.numel(), table, layout.k, layout.batch, op_out, layout.n_out, stream);
       if (err != cudaErrorNotSupported) {
         C10_CUDA_CHECK(err);
         continue;
@@ -144,8 +146,8 @@ at::Tensor rms_norm_mat_vec_q8_1_cuda(const at::Tensor& x, const at::Tensor& nor
                                              x_q8.mutable_data_ptr<uint8_t>(), nullptr, stream));
       have_q8 = true;
     }
-    C10_CUDA_CHECK(cuda::mat_vec_q8_1(wp, table, layout.k, x_q8.const_data_ptr<uint8_t>(), layout.batch,
-                                      op_out, layout.n_out, stream));
+    C10_CUDA_CHECK(cuda::mat_vec_q8_1(wp, weight.numel(), table, layout.k, x_q8.const_data_ptr<uint8_t>(),
+                                      layout.batch, op_out, layout.n_out, stream));
   }
   return out;
 }

@@ -3,8 +3,8 @@
 Method: >= 32 layers of distinct weight buffers (together more than 4x the L2), every layer's ops in
 one CUDA graph, timed with CUDA events over whole replays, median of >= 5 repeats, reported per
 layer. The floor of a configuration is its weight bytes over the read bandwidth measured in the same
-run (a 16-byte-load read kernel), so "% of floor" is how close a path comes to streaming its weights
-once at full speed.
+run (ggfuse's 16-byte-load read probe, `measure_read_bandwidth`), so "% of floor" is how close a path
+comes to streaming its weights once at full speed.
 
 Run: `python -m ggfuse.bench` (issue-3 set: 4096 -> 4096+1024+1024, Q4_K / Q4_0 / Q4_K+Q6_K, B = 1, 8),
 `python -m ggfuse.bench --matrix` (the full matrix of shapes, types and batch sizes). Results go to
@@ -91,49 +91,30 @@ def time_graph(fn, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def measure_read_bandwidth(device) -> tuple[float, str]:
-    """Bytes/s of a pure read of a buffer much larger than the L2, 16-byte loads (Triton), or of
-    torch's sum as a fallback."""
+def measure_read_bandwidth(device, repeats: int = 15) -> tuple[float, str]:
+    """Bytes/s of one pure read of a 2 GiB buffer (far larger than the L2) by ggfuse's probe kernel
+    (`torch.ops.ggfuse._read_probe`, csrc/cuda/read_probe.cu): 16-byte (uint4) loads, 4 per thread
+    and loop iteration, every SM full, the words XOR-reduced to one. One warm-up call, then the median
+    of `repeats` (>= 10) calls timed with CUDA events; each call also zeroes its 8-byte output.
+    Before each timed call the GPU spins for a while, so the call is queued before the start event
+    fires and the host's launch overhead stays out of the timing."""
     n_bytes = 2 << 30
-    buf = torch.randint(0, 2 ** 31 - 1, (n_bytes // 4,), dtype=torch.int32, device=device)
-    try:
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def read_kernel(ptr, out, n, BLOCK: tl.constexpr):
-            pid = tl.program_id(0)
-            nprog = tl.num_programs(0)
-            acc = tl.zeros([BLOCK], dtype=tl.int32)
-            for start in range(pid * BLOCK, n, nprog * BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                acc ^= tl.load(ptr + offs, mask=offs < n, other=0)
-            tl.store(out + pid * BLOCK + tl.arange(0, BLOCK), acc)
-
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        block = 4096
-        grid = sms * 4
-        out = torch.empty(grid * block, dtype=torch.int32, device=device)
-
-        def run():
-            read_kernel[(grid,)](buf, out, buf.numel(), BLOCK=block, num_warps=8)
-        method = "triton int32 read, 16-byte loads"
-    except Exception:  # no triton: a reduction reads at close to the same rate
-        def run():
-            buf.sum(dtype=torch.int64)
-        method = "torch.sum (triton unavailable)"
-    run()
+    buf = torch.randint(0, 2 ** 31 - 1, (n_bytes // 4,), dtype=torch.int32, device=device).view(torch.uint8)
+    probe = torch.ops.ggfuse._read_probe
+    probe(buf)
     torch.cuda.synchronize()
     times = []
-    for _ in range(10):
+    for _ in range(max(10, repeats)):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1_000_000)  # ~0.5 ms of GPU cycles
         start.record()
-        run()
+        probe(buf)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
     del buf
-    return n_bytes / (statistics.median(times) * 1e-3), method
+    torch.cuda.empty_cache()
+    return n_bytes / (statistics.median(times) * 1e-3), "ggfuse uint4 read probe"
 
 
 # ---------------------------------------------------------------- workloads
