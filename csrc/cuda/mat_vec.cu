@@ -541,45 +541,18 @@ __device__ __forceinline__ void compute_item_typed(const Params& p, const SegDes
 }
 
 // The fused norm: rms_norm_mul_q8_1 of the launch's batch rows, computed by this CTA into `act`
-// (Q8_1 rows, as the standalone kernel writes them). The standalone kernel's thread i of T becomes
-// virtual thread (row, i), each warp's butterfly a virtual warp, so the sums of squares are added in
-// the same order and the bytes are the same.
+// (Q8_1 rows, as the standalone kernel writes them; norm.cuh's cta_norm_q8_1).
 template <typename T, typename W>
 __device__ __forceinline__ void norm_phase_typed(const Params& p, uint8_t* act, float* red) {
-  const T* x = static_cast<const T*>(p.norm_x);
-  const W* w = static_cast<const W*>(p.norm_w);
-  const int64_t nb = p.x_blocks, k = nb * kQK;
-  const int nt = p.norm_nthreads, wpr = nt / 32;
-  const bool vx = (p.norm_vec & 1) != 0, vw = (p.norm_vec & 2) != 0;
-  float* parts = red;                        // [batch][nt]
-  float* wsums = red + p.batch * nt;         // [batch][8]
-  float* scales = wsums + kMaxCols * 8;      // [batch]
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int v = threadIdx.x; v < p.batch * nt; v += kThreads) {
-    const int b = v / nt;
-    parts[v] = row_sum_sq_part(x + b * k, nb, v - b * nt, nt, vx);
-  }
-  __syncthreads();
-  for (int v = warp; v < p.batch * wpr; v += kWarps) {
-    const int b = v / wpr, ww = v - b * wpr;
-    const float s = warp_sum(parts[b * nt + ww * 32 + lane]);
-    if (lane == 0) wsums[b * 8 + ww] = s;
-  }
-  __syncthreads();
-  if (threadIdx.x < p.batch) {
-    float total = 0.0f;
-    for (int i = 0; i < wpr; ++i) total = __fadd_rn(total, wsums[threadIdx.x * 8 + i]);
-    scales[threadIdx.x] = rms_scale(total, k, p.eps);
-  }
-  __syncthreads();
-  for (int64_t v = threadIdx.x; v < p.batch * nb; v += kThreads) {
-    const int b = static_cast<int>(v / nb);
-    const int64_t blk = v - b * nb;
-    norm_quantize_block(x + b * k, w, blk, scales[b], vx, vw,
-                        act + b * p.x_row_bytes + blk * static_cast<int64_t>(sizeof(BlockQ8_1)),
-                        static_cast<T*>(nullptr));
-  }
-  __syncthreads();
+  const int64_t row_bytes = p.x_row_bytes;
+  cta_norm_q8_1(static_cast<const T*>(p.norm_x), static_cast<const W*>(p.norm_w), p.batch, p.x_blocks,
+                p.norm_nthreads, p.eps, (p.norm_vec & 1) != 0, (p.norm_vec & 2) != 0, red,
+                [&](int b, int64_t blk, const uint32_t (&q)[9]) {
+                  uint32_t* o = reinterpret_cast<uint32_t*>(act + b * row_bytes +
+                                                            blk * static_cast<int64_t>(sizeof(BlockQ8_1)));
+#pragma unroll
+                  for (int i = 0; i < 9; ++i) o[i] = q[i];
+                });
 }
 
 __device__ __noinline__ void norm_phase(const Params& p, uint8_t* act, float* red) {

@@ -185,49 +185,15 @@ __device__ __forceinline__ void issue_chunk(const StreamParams& p, const Chunk& 
 }
 
 // ---- activations ----
-// The fused norm: the standalone norm kernel's Q8_1 bytes of the batch rows, computed by this CTA,
-// placed as dp4a::stage_x places copied ones. Its thread i of T becomes virtual thread (row, i) and
-// each of its warps' butterflies a virtual warp here, so the sums of squares are added in the same
-// order and the bytes are the same (norm.cuh).
+// The fused norm (norm.cuh's cta_norm_q8_1): the standalone norm kernel's Q8_1 bytes of the batch
+// rows, computed by this CTA and placed as dp4a::stage_x places copied ones.
 template <int kCols, typename T, typename W>
 __device__ __forceinline__ void stage_norm_typed(const NormArgs& n, uint32_t* sx, float* red) {
-  const T* x = static_cast<const T*>(n.x);
-  const W* w = static_cast<const W*>(n.w);
-  const int nb = n.x_blocks;
-  const int64_t k = static_cast<int64_t>(nb) * kQK;
-  const int nt = n.nthreads, wpr = nt / 32;
-  const bool vx = (n.vec & 1) != 0, vw = (n.vec & 2) != 0;
-  float* parts = red;                     // [kCols][nt]
-  float* wsums = red + kCols * nt;        // [kCols][8]
-  float* scales = wsums + kCols * 8;      // [kCols]
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int threads = blockDim.x, warps = threads >> 5;
-  for (int v = threadIdx.x; v < kCols * nt; v += threads) {
-    const int b = v / nt;
-    parts[v] = row_sum_sq_part(x + b * k, nb, v - b * nt, nt, vx);
-  }
-  __syncthreads();
-  for (int v = warp; v < kCols * wpr; v += warps) {
-    const int b = v / wpr, ww = v - b * wpr;
-    const float s = warp_sum(parts[b * nt + ww * 32 + lane]);
-    if (lane == 0) wsums[b * 8 + ww] = s;
-  }
-  __syncthreads();
-  if (threadIdx.x < kCols) {
-    float total = 0.0f;
-    for (int i = 0; i < wpr; ++i) total = __fadd_rn(total, wsums[threadIdx.x * 8 + i]);
-    scales[threadIdx.x] = rms_scale(total, k, n.eps);
-  }
-  __syncthreads();
-  const int nblk = kCols * nb;
-  for (int v = threadIdx.x; v < nblk; v += threads) {
-    const int b = v / nb, blk = v - b * nb;
-    uint32_t q[9];
-    norm_quantize_block(x + b * k, w, blk, scales[b], vx, vw, reinterpret_cast<uint8_t*>(q),
-                        static_cast<T*>(nullptr));
-    dp4a::put_x_block(q, nblk, v, sx);
-  }
-  __syncthreads();
+  const int nb = n.x_blocks, nblk = kCols * nb;
+  cta_norm_q8_1(static_cast<const T*>(n.x), static_cast<const W*>(n.w), kCols, nb, n.nthreads, n.eps,
+                (n.vec & 1) != 0, (n.vec & 2) != 0, red, [&](int b, int64_t blk, const uint32_t (&q)[9]) {
+                  dp4a::put_x_block(q, nblk, b * nb + static_cast<int>(blk), sx);
+                });
 }
 
 template <int kCols>

@@ -139,5 +139,48 @@ __device__ __forceinline__ void norm_quantize_block(const T* xr, const W* w, int
   quantize_block(v, out_block);
 }
 
+// The norm a mat-vec CTA runs for itself (mat_vec.cu with GGFUSE_FUSED_NORM=1, mat_vec_stream.cu):
+// rms_norm_mul_q8_1 of `batch` rows of x [batch, nb * 32], every block's 9 Q8_1 words handed to
+// place(row, block, words). The standalone kernel's thread i of nt (norm_threads(nb)) becomes virtual
+// thread (row, i), each of its warps' butterflies a virtual warp, so the sums of squares are added in
+// the same order and the bytes are the same. `red`: batch * (nt + 9) floats of shared scratch. Ends
+// with a CTA barrier.
+template <typename T, typename W, typename Place>
+__device__ __forceinline__ void cta_norm_q8_1(const T* x, const W* w, int batch, int64_t nb, int nt, float eps,
+                                              bool vx, bool vw, float* red, Place place) {
+  const int64_t k = nb * kQK;
+  const int wpr = nt / 32, threads = blockDim.x, warps = threads >> 5;
+  float* parts = red;                   // [batch][nt]
+  float* wsums = red + batch * nt;      // [batch][8]
+  float* scales = wsums + batch * 8;    // [batch]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int v = threadIdx.x; v < batch * nt; v += threads) {
+    const int b = v / nt;
+    parts[v] = row_sum_sq_part(x + b * k, nb, v - b * nt, nt, vx);
+  }
+  __syncthreads();
+  for (int v = warp; v < batch * wpr; v += warps) {
+    const int b = v / wpr, ww = v - b * wpr;
+    const float s = warp_sum(parts[b * nt + ww * 32 + lane]);
+    if (lane == 0) wsums[b * 8 + ww] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x < batch) {
+    float total = 0.0f;
+    for (int i = 0; i < wpr; ++i) total = __fadd_rn(total, wsums[threadIdx.x * 8 + i]);
+    scales[threadIdx.x] = rms_scale(total, k, eps);
+  }
+  __syncthreads();
+  for (int64_t v = threadIdx.x; v < batch * nb; v += threads) {
+    const int b = static_cast<int>(v / nb);
+    const int64_t blk = v - b * nb;
+    uint32_t q[9];
+    norm_quantize_block(x + b * k, w, blk, scales[b], vx, vw, reinterpret_cast<uint8_t*>(q),
+                        static_cast<T*>(nullptr));
+    place(b, blk, q);
+  }
+  __syncthreads();
+}
+
 }  // namespace cuda
 }  // namespace ggfuse
