@@ -417,11 +417,10 @@ cudaError_t launch_any_cols(StreamParams& p, int64_t batch, int64_t max_rb, cuda
   return launch_cols<kStreamWarps>(p, batch, max_rb, device, stream);
 }
 
-}  // namespace
-
-cudaError_t mat_vec_q8_1_stream(const uint8_t* weight, int64_t weight_bytes, const SegmentTable& table, int64_t k,
-                                const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out,
-                                cudaStream_t stream) {
+// Both entry points: x_q8 (Q8_1 rows) or, when it is null, `norm` (x_blocks filled in here).
+cudaError_t run_stream(const uint8_t* weight, int64_t weight_bytes, const SegmentTable& table, int64_t k,
+                       const uint8_t* x_q8, NormArgs norm, int64_t batch, float* out, int64_t n_out,
+                       cudaStream_t stream) {
   if (batch <= 0 || table.count <= 0) return cudaSuccess;
   if (batch > kDpMaxCols || batch > stream_max_batch()) return cudaErrorNotSupported;
   StreamParams p{};
@@ -429,29 +428,31 @@ cudaError_t mat_vec_q8_1_stream(const uint8_t* weight, int64_t weight_bytes, con
   if (max_rb < 0) return cudaErrorInvalidValue;
   p.x = x_q8;
   p.out = out;
+  p.norm = norm;
+  p.norm.x_blocks = p.x_blocks;
   return launch_any_cols(p, batch, max_rb, stream);
+}
+
+}  // namespace
+
+cudaError_t mat_vec_q8_1_stream(const uint8_t* weight, int64_t weight_bytes, const SegmentTable& table, int64_t k,
+                                const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out,
+                                cudaStream_t stream) {
+  return run_stream(weight, weight_bytes, table, k, x_q8, NormArgs{}, batch, out, n_out, stream);
 }
 
 cudaError_t rms_norm_mat_vec_q8_1_stream(const void* x, FloatType x_type, const void* norm_w, FloatType w_type,
                                          float eps, const uint8_t* weight, int64_t weight_bytes,
                                          const SegmentTable& table, int64_t k, int64_t batch, float* out,
                                          int64_t n_out, cudaStream_t stream) {
-  if (batch <= 0 || table.count <= 0) return cudaSuccess;
-  if (batch > kDpMaxCols || batch > stream_max_batch()) return cudaErrorNotSupported;
-  StreamParams p{};
-  const int64_t max_rb = fill_stream_params(p, weight, weight_bytes, table, k, n_out);
-  if (max_rb < 0) return cudaErrorInvalidValue;
-  p.x = nullptr;
-  p.out = out;
-  p.norm.x = x;
-  p.norm.w = norm_w;
-  p.norm.eps = eps;
-  p.norm.types = 3 * static_cast<int32_t>(x_type) + static_cast<int32_t>(w_type);
-  p.norm.vec = ((reinterpret_cast<uintptr_t>(x) & 15u) == 0 ? 1 : 0) |
-               ((reinterpret_cast<uintptr_t>(norm_w) & 15u) == 0 ? 2 : 0);
-  p.norm.nthreads = norm_threads(k / kQK);
-  p.norm.x_blocks = p.x_blocks;
-  return launch_any_cols(p, batch, max_rb, stream);
+  NormArgs n{};
+  n.x = x;
+  n.w = norm_w;
+  n.eps = eps;
+  n.types = 3 * static_cast<int32_t>(x_type) + static_cast<int32_t>(w_type);
+  n.vec = ((reinterpret_cast<uintptr_t>(x) & 15u) == 0 ? 1 : 0) | ((reinterpret_cast<uintptr_t>(norm_w) & 15u) == 0 ? 2 : 0);
+  n.nthreads = norm_threads(k / kQK);
+  return run_stream(weight, weight_bytes, table, k, nullptr, n, batch, out, n_out, stream);
 }
 
 }  // namespace cuda
