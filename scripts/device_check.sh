@@ -9,7 +9,9 @@
 # Usage (repository root):  OUT=/some/dir scripts/device_check.sh [bench arguments...]
 # Environment: GGFUSE_GIT_COMMIT (the commit being tested; the device copy need not be a git repo),
 #   SKIP_BUILD=1 / SKIP_TESTS=1 / SKIP_SANITIZER=1 / SKIP_BENCH=1 to leave a stage out, NCU=1,
-#   SANITIZER_TOOLS (default "memcheck racecheck"), SKIP_CPU_TESTS=1 (only tests/test_cuda.py),
+#   SANITIZER_TOOLS (default "memcheck racecheck"), SANITIZER_CONFIGS (one ENV=VALUE per configuration,
+#   space-separated; default: the MMA fused norm, the dp4a kernel forced, the streaming kernel),
+#   SKIP_CPU_TESTS=1 (only tests/test_cuda.py),
 #   GGFUSE_BUILD_CXX (host compiler for the build; on the lent image CXX=/opt/gcc/bin/g++ produced a
 #   _C.so that crashed formatting error messages, /usr/bin/g++ did not),
 #   PYTEST_ARGS (extra pytest arguments), GGFUSE_CUDA_ARCHS (default 90).
@@ -118,8 +120,10 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   cuda_variant_stage pytest-cuda-stream GGFUSE_MV_STREAM=8 "mat_vec or graph or compile"
   # the MMA kernel with the norm inside,
   cuda_variant_stage pytest-cuda-mma-fused-norm GGFUSE_FUSED_NORM=1 "rms_norm_mat_vec or graph or compile"
-  # the dp4a kernel for every type and batch chunk (by default only Q4_K weights at B <= 2).
+  # the dp4a kernel for every type and batch chunk (by default only Q4_K weights at B <= 2), staged
+  # through shared memory where it fits, then without the staging.
   cuda_variant_stage pytest-cuda-dp4a-forced GGFUSE_MV_DP4A=8 "mat_vec or graph or compile"
+  cuda_variant_stage pytest-cuda-dp4a-unstaged "GGFUSE_MV_DP4A=8 GGFUSE_MV_STAGED=0" "mat_vec or graph or compile"
   [ "${SKIP_CPU_TESTS:-0}" = 1 ] || { stage_start
   (cd /tmp && GGFUSE_REQUIRE_CUDA=1 timeout 240 python3 -m pytest "$REPO/tests" -q -p no:cacheprovider \
      --ignore "$REPO/tests/test_cuda.py" -rfE >>"$OUT/pytest.log" 2>&1)
@@ -184,7 +188,8 @@ for dt in (torch.float32, torch.bfloat16, torch.float16):
 for t in (T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K):
     ggfuse.dequantize(torch.from_numpy(blocks(t, 5, 512)).to(dev), t)
 specs = [[(T.Q4_K, 33), (T.Q6_K, 17)], [(T.Q4_0, 19), (T.Q5_0, 3), (T.Q8_0, 5), (T.Q5_K, 2), (T.Q6_K, 3)], [(T.Q6_K, 3)]]
-for k, spec in [(512, specs[0]), (96 * 32, specs[0]), (512, specs[1]), (5120, specs[2]), (96, [(T.Q4_0, 7), (T.Q8_0, 3)])]:
+for k, spec in [(512, specs[0]), (96 * 32, specs[0]), (512, specs[1]), (5120, specs[2]), (96, [(T.Q4_0, 7), (T.Q8_0, 3)]),
+                (8192, [(T.Q4_K, 5), (T.Q6_K, 3)])]:
     if k % 256 and any(t in (T.Q4_K, T.Q5_K, T.Q6_K) for t, _ in spec):
         continue
     pieces, offs, total = [], [], 0
@@ -204,8 +209,9 @@ EOF
   stage_start
   : >"$OUT/sanitizer.log"
   for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
-    # the default kernels with the MMA kernel's norm, then the streaming kernel (with its norm)
-    for cfg in "GGFUSE_FUSED_NORM=1" "GGFUSE_MV_STREAM=8"; do
+    # the default kernels with the MMA kernel's norm, the dp4a kernel (staged where it fits) for every
+    # type, then the streaming kernel (with its norm); SANITIZER_CONFIGS overrides the list
+    for cfg in ${SANITIZER_CONFIGS:-GGFUSE_FUSED_NORM=1 GGFUSE_MV_DP4A=8 GGFUSE_MV_STREAM=8}; do
       echo "==== compute-sanitizer --tool $tool ($cfg)" >>"$OUT/sanitizer.log"
       # shellcheck disable=SC2086
       (cd /tmp && env $cfg PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer \
@@ -218,6 +224,7 @@ EOF
 fi
 
 # ---- tuning experiments (EXPERIMENTS="ENV=V ENV=V;ENV=V;..."): one short bench per configuration ----
+# (EXP_SHAPES, EXP_TYPES, EXP_BATCHES: space-separated subsets; default the QKV shape, Q4_K, B = 1 8)
 if [ -n "${EXPERIMENTS:-}" ]; then
   stage_start
   EXPLOG=/tmp/experiments.log  # into summary.txt only: $OUT is limited to 8 files
@@ -227,7 +234,7 @@ if [ -n "${EXPERIMENTS:-}" ]; then
     echo "==== $cfg" >>"$EXPLOG"
     envs=(); [ "$cfg" != base ] && read -ra envs <<<"$cfg"
     (cd /tmp && env "${envs[@]}" timeout 120 python3 -m ggfuse.bench --variants fused two_kernels matvec \
-       --types ${EXP_TYPES:-Q4_K} --batches ${EXP_BATCHES:-1 8} --no-torch --no-plot --repeats 10 \
+       --shapes ${EXP_SHAPES:-4096->4096+1024+1024} --types ${EXP_TYPES:-Q4_K} --batches ${EXP_BATCHES:-1 8} --no-torch --no-plot --repeats 10 \
        --out /tmp/exp 2>&1 | grep -E "^[0-9]|measured" >>"$EXPLOG")
   done
   tee -a "$SUMMARY" <"$EXPLOG"

@@ -240,6 +240,14 @@ def test_mat_vec_many_chunks_per_cta(poison_outputs):
     check_mat_vec_cuda([(T.Q4_K, 12000), (T.Q6_K, 3001)], 2048, 3)
 
 
+@pytest.mark.parametrize("specs", [[(T.Q4_K, 37)], [(T.Q4_K, 21), (T.Q6_K, 19)]], ids=["q4k", "q4k_q6k"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_mat_vec_long_rows(poison_outputs, specs, batch):
+    # K = 8192: the staged dp4a kernel's 16 row slots per CTA would leave fewer than 3 CTAs per SM,
+    # so it takes one row per warp (K = 4096 takes two, K = 14336 the unstaged path)
+    check_mat_vec_cuda(specs, 8192, batch)
+
+
 @pytest.mark.parametrize("batch", [1, 8])
 def test_mat_vec_segments_out_of_buffer_order(poison_outputs, batch):
     # the segment list need not follow the buffer: columns follow the list, bytes the offsets

@@ -64,6 +64,11 @@ __device__ __forceinline__ void prefetch_l2_bulk(const void* addr, uint32_t byte
 #endif
 }
 
+// Moves the 128-byte line holding `addr` into L2 (no data dependence: safe before the PDL wait).
+__device__ __forceinline__ void prefetch_l2(const void* addr) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(addr));
+}
+
 // ---- small loads ----
 // fp16 bits -> float through the hardware conversion: exact, so identical to formats.h's
 // fp16_to_float (which the CPU uses), but one instruction instead of a dozen.
@@ -95,6 +100,13 @@ inline int device_attribute(int device, cudaDeviceAttr attr) {
   }
   if (slot >= 0 && device >= 0 && device < kMaxDevices) cache[device][slot] = value;
   return value;
+}
+
+// An integer knob from the environment (experiments; docs/PERFORMANCE.md lists them), or `fallback`
+// when unset or empty.
+inline int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? std::atoi(v) : fallback;
 }
 
 // Whether launches carry the PDL attribute: on for sm_90+, off with GGFUSE_PDL=0 (for comparisons).

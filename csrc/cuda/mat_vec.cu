@@ -744,10 +744,6 @@ int max_tiles_for(const Params& p, int grid) {
 // default off: with PDL the separate norm kernel measured faster), GGFUSE_MV_DP4A (the largest
 // batch chunk that runs mat_vec_dp4a.cu's kernel for every type; 0: never; unset: the measured rule
 // above kDp4aAutoMaxBatch).
-int env_int(const char* name, int fallback) {
-  const char* v = std::getenv(name);
-  return v != nullptr && *v != '\0' ? std::atoi(v) : fallback;
-}
 struct Overrides {
   int stages = env_int("GGFUSE_MV_STAGES", 2);
   int k_groups = env_int("GGFUSE_MV_KGROUPS", 0);
@@ -903,7 +899,7 @@ cudaError_t mat_vec_q8_1(const uint8_t* weight, int64_t weight_bytes, const Segm
     const bool dp4a = forced < 0 ? p.batch <= kDp4aAutoMaxBatch && (types & ~kDp4aAutoTypes) == 0
                                  : p.batch <= forced;
     if (dp4a) {  // NotSupported: x does not fit in shared memory
-      err = mat_vec_q8_1_dp4a(weight, table, k, p.x, p.batch, p.out, n_out, stream);
+      err = mat_vec_q8_1_dp4a(weight, weight_bytes, table, k, p.x, p.batch, p.out, n_out, stream);
     }
     if (err == cudaErrorNotSupported) err = launch_any(p, types, device, stream);
     if (err != cudaSuccess) return err;

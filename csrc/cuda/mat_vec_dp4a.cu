@@ -21,6 +21,15 @@
 //     first weight unit before the wait. (Reading them straight from global/L1 with 4-byte loads
 //     at a 36-byte stride across lanes measured 1.5-4x slower at B >= 2: L1 wavefronts.)
 //   * 8 warps per CTA, 2 rows per warp: a CTA per 16 rows, 72-80 registers, ~3 CTAs per SM.
+//   * staged variant (the default where it fits; GGFUSE_MV_STAGED=0 turns it off): before the PDL
+//     wait each warp copies the whole of its rows into its own shared-memory slots with 16-byte
+//     cp.async (the enclosing granules, so every byte keeps its address mod 16 and the units read
+//     them with the same code through SharedLd). A CTA's weights are then all requested before it
+//     waits for the previous kernel, instead of one unit per lane, so the weight stream overlaps the
+//     norm kernel and the previous layer's tail; and the 2-byte aligned types (Q4_0, Q6_K, ...) are
+//     fetched once, in 16-byte granules, instead of in 4-byte words that each fetch their sectors.
+//     The granule crossing the end of the weight buffer is copied byte by byte (nothing past it is
+//     read). Rows per warp drop to 1 when 16 rows' slots would leave fewer than 3 CTAs per SM.
 #include <algorithm>
 
 #include "dp4a_units.cuh"
@@ -47,6 +56,7 @@ struct DpSeg {
 struct DpParams {
   DpSeg seg[kMaxSegments];
   const uint8_t* weight;
+  int64_t weight_bytes;
   const uint8_t* x;
   float* out;
   int64_t x_row_bytes;
@@ -54,10 +64,21 @@ struct DpParams {
   int32_t total_rows;
   int32_t x_blocks;  // K / 32
   int32_t n_out;
+  int32_t rows_per_warp;  // staged kernel: 1 or 2 (the slots per warp)
+  int32_t slot_bytes;     // staged kernel: bytes per row slot (a multiple of 16)
+  int32_t x_words;        // staged kernel: words of the x copy (a multiple of 4; the slots follow)
 };
 
 constexpr int kDpRowsPerWarp = 2;  // rows a warp takes in turn: a CTA covers 16 rows
 constexpr int kDpCtaRows = kDpWarps * kDpRowsPerWarp;
+constexpr int kDpMinCtasPerSm = 3;  // the occupancy the register path reaches (72-80 registers)
+
+// Segment of global row `grow` (rows are numbered across segments in table order).
+__device__ __forceinline__ int segment_of(const DpParams& p, int grow) {
+  int s = 0;
+  while (s + 1 < p.n_seg && grow >= p.seg[s + 1].row_start) ++s;
+  return s;
+}
 
 // One row (warp-wide): kFirst also does the CTA's PDL wait and activation copy (after the row's
 // first weight loads).
@@ -65,9 +86,7 @@ template <int kCols, bool kFirst, typename Stage>
 __device__ __forceinline__ void dp4a_row(const DpParams& p, const uint32_t* sx, int grow, int lane, Stage stage) {
   const int nb = p.x_blocks;
   const bool first = kFirst;
-  int s = 0;
-  while (s + 1 < p.n_seg && grow >= p.seg[s + 1].row_start) ++s;
-  const DpSeg& sd = p.seg[s];
+  const DpSeg& sd = p.seg[segment_of(p, grow)];
   const int r = grow - sd.row_start;
   const uint8_t* row = p.weight + sd.byte_offset + r * sd.row_bytes;
   float acc[kCols];
@@ -98,29 +117,151 @@ __global__ void __launch_bounds__(kDpThreads) mat_vec_dp4a_kernel(const DpParams
   }
 }
 
-template <int kCols>
-cudaError_t launch_dp4a(const DpParams& p, cudaStream_t stream) {
-  const int grid = (p.total_rows + kDpCtaRows - 1) / kDpCtaRows;
-  const size_t smem = static_cast<size_t>(kCols) * p.x_blocks * (kQ8Bytes + 4);
-  if (smem > 48 * 1024) {
-    int device = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err != cudaSuccess) return err;
-    const int optin = device_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
-    if (smem > static_cast<size_t>(optin)) return cudaErrorNotSupported;  // caller: the MMA kernel
-    static int smem_set[64] = {};  // per device: the largest size set so far
-    if (device >= 64 || smem_set[device] < static_cast<int>(smem)) {
-      err = cudaFuncSetAttribute(mat_vec_dp4a_kernel<kCols>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
-      if (err != cudaSuccess) return err;
-      if (device < 64) smem_set[device] = optin;
+// Staged variant. Warp w's rows are row0, row0 + 1 (rows_per_warp of them); row j lands in slot j
+// of the warp's slots, its first byte at slot + (its buffer offset mod 16).
+__device__ __forceinline__ int64_t staged_row_offset(const DpParams& p, int grow, const DpSeg** sd_out) {
+  const DpSeg& sd = p.seg[segment_of(p, grow)];
+  *sd_out = &sd;
+  return sd.byte_offset + static_cast<int64_t>(grow - sd.row_start) * sd.row_bytes;
+}
+
+// The warp's copy of one row: the 16-byte granules enclosing it, lanes taking every 32nd granule.
+__device__ __forceinline__ void copy_row_to_slot(const DpParams& p, int64_t off, int64_t bytes, uint8_t* slot,
+                                                 int lane) {
+  const int64_t g0 = off & ~int64_t{15};
+  const int n_gran = static_cast<int>((off + bytes - g0 + 15) >> 4);
+  for (int gi = lane; gi < n_gran; gi += 32) {
+    const int64_t src = g0 + 16 * static_cast<int64_t>(gi);
+    if (src + 16 <= p.weight_bytes) {
+      cp_async_16(slot + 16 * gi, p.weight + src);
+    } else {  // the last granule of a buffer that ends mid-granule: only the bytes inside it
+      for (int64_t i = 0; i < p.weight_bytes - src; ++i) slot[16 * gi + i] = p.weight[src + i];
     }
   }
+}
+
+// Row `grow`, whose copy this lane has waited for, from its slot (warp-wide).
+template <int kCols>
+__device__ __forceinline__ void staged_row(const DpParams& p, const uint32_t* sx, const uint8_t* slot, int grow,
+                                           int lane) {
+  __syncwarp();  // every lane's copies of the row have landed
+  const DpSeg* sd;
+  const int64_t off = staged_row_offset(p, grow, &sd);
+  float acc[kCols];
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) acc[c] = 0.0f;
+  dp4a::row_dot<kCols, dp4a::SharedLd>(sd->type, slot + (off & 15), p.x_blocks, sx, lane, acc, false, [] {});
+  if (lane == 0) {
+    const int r = grow - sd->row_start;
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) p.out[static_cast<int64_t>(c) * p.n_out + sd->col_begin + r] = acc[c];
+  }
+}
+
+template <int kCols>
+__global__ void __launch_bounds__(kDpThreads) mat_vec_dp4a_staged_kernel(const DpParams p) {
+  extern __shared__ __align__(16) uint32_t smem_words[];
+  uint32_t* sx = smem_words;
+  allow_dependent_launch();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int rpw = p.rows_per_warp;
+  const int row0 = (blockIdx.x * kDpWarps + warp) * rpw;
+  uint8_t* slots = reinterpret_cast<uint8_t*>(smem_words + p.x_words) +
+                   static_cast<int64_t>(warp) * rpw * p.slot_bytes;
+  // Every lane commits one group per slot (empty when the warp has no such row), so group j is
+  // row j's copy for every lane.
+  for (int j = 0; j < rpw; ++j) {
+    if (row0 + j < p.total_rows) {
+      const DpSeg* sd;
+      const int64_t off = staged_row_offset(p, row0 + j, &sd);
+      copy_row_to_slot(p, off, sd->row_bytes, slots + j * p.slot_bytes, lane);
+    }
+    cp_async_commit();
+  }
+  dp4a::stage_x(p.x, kCols * p.x_blocks, sx);  // the PDL wait, then x (ends with a CTA barrier)
+  // Two straight-line calls, not a loop: with the six-type switch inside a loop the compiler kept
+  // every type's registers live across the back edge (225 registers instead of 80).
+  if (row0 >= p.total_rows) return;
+  if (rpw == 1 || row0 + 1 >= p.total_rows) {
+    cp_async_wait<0>();
+    staged_row<kCols>(p, sx, slots, row0, lane);
+    return;
+  }
+  cp_async_wait<1>();
+  staged_row<kCols>(p, sx, slots, row0, lane);
+  cp_async_wait<0>();
+  staged_row<kCols>(p, sx, slots + p.slot_bytes, row0 + 1, lane);
+}
+
+// Raises a kernel's dynamic shared memory limit to the device's opt-in maximum once per device.
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t smem, int* set_per_device) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const int optin = device_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  if (smem > static_cast<size_t>(optin)) return cudaErrorNotSupported;
+  if (device >= 64 || set_per_device[device] < static_cast<int>(smem)) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+    if (err != cudaSuccess) return err;
+    if (device < 64) set_per_device[device] = optin;
+  }
+  return cudaSuccess;
+}
+
+// The staged kernel when its slots fit at >= kDpMinCtasPerSm CTAs per SM (2 rows per warp, else 1);
+// cudaErrorNotSupported, having launched nothing, otherwise.
+template <int kCols>
+cudaError_t launch_dp4a_staged(DpParams p, cudaStream_t stream) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  int per_sm = 0, reserved = 0;
+  if (cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return cudaErrorNotSupported;
+  }
+  const int optin = device_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  int64_t max_row = 0;
+  for (int s = 0; s < p.n_seg; ++s) max_row = std::max(max_row, p.seg[s].row_bytes);
+  p.slot_bytes = static_cast<int32_t>((max_row + 15 + 15) & ~int64_t{15});  // any phase mod 16
+  const int64_t x_words = static_cast<int64_t>(kCols) * p.x_blocks * 10;  // 9 words + half sums per block
+  p.x_words = static_cast<int32_t>((x_words + 3) & ~int64_t{3});
+  for (int rpw = kDpRowsPerWarp; rpw >= 1; --rpw) {
+    const int64_t smem = int64_t{4} * p.x_words + int64_t{kDpWarps} * rpw * p.slot_bytes;
+    if (smem > optin || (smem + reserved) * kDpMinCtasPerSm > per_sm) continue;
+    p.rows_per_warp = rpw;
+    static int smem_set[64] = {};
+    err = allow_smem(mat_vec_dp4a_staged_kernel<kCols>, static_cast<size_t>(smem), smem_set);
+    if (err != cudaSuccess) return err;
+    const int cta_rows = kDpWarps * rpw;
+    const int grid = (p.total_rows + cta_rows - 1) / cta_rows;
+    return launch_kernel(mat_vec_dp4a_staged_kernel<kCols>, dim3(grid), dim3(kDpThreads),
+                         static_cast<size_t>(smem), stream, p);
+  }
+  return cudaErrorNotSupported;
+}
+
+template <int kCols>
+cudaError_t launch_dp4a(const DpParams& p, cudaStream_t stream) {
+  static const bool staged = env_int("GGFUSE_MV_STAGED", 1) != 0;
+  if (staged) {
+    const cudaError_t err = launch_dp4a_staged<kCols>(p, stream);
+    if (err != cudaErrorNotSupported) return err;
+  }
+  const int grid = (p.total_rows + kDpCtaRows - 1) / kDpCtaRows;
+  const size_t smem = static_cast<size_t>(kCols) * p.x_blocks * (kQ8Bytes + 4);
+  static int smem_set[64] = {};
+  const cudaError_t err = allow_smem(mat_vec_dp4a_kernel<kCols>, smem, smem_set);
+  if (err != cudaSuccess) return err;  // NotSupported: the caller runs the MMA kernel
   return launch_kernel(mat_vec_dp4a_kernel<kCols>, dim3(grid), dim3(kDpThreads), smem, stream, p);
 }
 
 }  // namespace
 
-cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, const SegmentTable& table, int64_t k,
+cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, int64_t weight_bytes, const SegmentTable& table, int64_t k,
                               const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out,
                               cudaStream_t stream) {
   if (batch <= 0 || table.count <= 0) return cudaSuccess;
@@ -130,6 +271,7 @@ cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, const SegmentTable& table, 
   }
   DpParams p{};
   p.weight = weight;
+  p.weight_bytes = weight_bytes;
   p.x = x_q8;
   p.out = out;
   p.x_row_bytes = k / kQK * kQ8Bytes;

@@ -35,26 +35,58 @@ __global__ void __launch_bounds__(kQuantThreads)
 
 // One thread block of norm_threads(K/32) threads per row (norm.cuh has the arithmetic and the order
 // of the sum of squares, shared with the fused norm + mat-vec kernel).
+//
+// Rows of up to kNormMaxThreads blocks (K <= 8192), where each thread owns at most one block, take a
+// short path: the block of x and the block of w are loaded together right after the PDL wait and kept
+// in registers through the reduction, so the row costs one round trip to memory instead of two (the
+// norm sits on every layer's critical path). w is also prefetched into L2 before the wait: a prefetch
+// only moves lines into L2, the point of coherence, so it is safe even if the previous kernel writes
+// w, and the load after the wait then hits L2. Same sums in the same order, so the same bytes.
 template <typename T, typename W>
 __global__ void __launch_bounds__(kNormMaxThreads)
     rms_norm_q8_1_kernel(const T* __restrict__ x, const W* __restrict__ w, int64_t k, float eps,
                          bool vec_x, bool vec_w, uint8_t* __restrict__ out, T* __restrict__ y) {
   __shared__ float warp_sums[kNormMaxThreads / 32];
   allow_dependent_launch();  // see common.cuh: the dependent touches only weights before its wait
-  grid_dependency_wait();
   const int64_t row = blockIdx.x;
   const int64_t nb = k / kQK;
   const T* xr = x + row * k;
-  const float part = warp_sum(row_sum_sq_part(xr, nb, threadIdx.x, blockDim.x, vec_x));
+  uint8_t* orow = out + row * nb * static_cast<int64_t>(sizeof(BlockQ8_1));
+  T* yrow = y != nullptr ? y + row * k : nullptr;
+  const int b0 = threadIdx.x;
+  const bool one_block = nb <= static_cast<int64_t>(blockDim.x);
+  if (one_block && b0 < nb) {
+    prefetch_l2(w + static_cast<int64_t>(b0) * kQK);
+    prefetch_l2(w + static_cast<int64_t>(b0) * kQK + kQK - 1);  // the block may straddle two lines
+  }
+  grid_dependency_wait();
+  float v[kQK], wv[kQK];
+  float part = 0.0f;
+  if (one_block) {
+    if (b0 < nb) {
+      load_block(xr + static_cast<int64_t>(b0) * kQK, vec_x, v);
+      load_block(w + static_cast<int64_t>(b0) * kQK, vec_w, wv);
+#pragma unroll
+      for (int j = 0; j < kQK; ++j) part = __fadd_rn(part, __fmul_rn(v[j], v[j]));
+    }
+  } else {
+    part = row_sum_sq_part(xr, nb, threadIdx.x, blockDim.x, vec_x);
+  }
+  part = warp_sum(part);
   if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = part;
   __syncthreads();
   float total = 0.0f;
   for (unsigned i = 0; i < blockDim.x / 32; ++i) total = __fadd_rn(total, warp_sums[i]);  // in order
   const float scale = rms_scale(total, k, eps);
-  uint8_t* orow = out + row * nb * static_cast<int64_t>(sizeof(BlockQ8_1));
+  if (one_block) {
+    if (b0 < nb) {
+      norm_quantize_values(v, wv, scale, orow + static_cast<int64_t>(b0) * sizeof(BlockQ8_1),
+                           yrow != nullptr ? yrow + static_cast<int64_t>(b0) * kQK : nullptr);
+    }
+    return;
+  }
   for (int64_t b = threadIdx.x; b < nb; b += blockDim.x) {
-    norm_quantize_block(xr, w, b, scale, vec_x, vec_w, orow + b * static_cast<int64_t>(sizeof(BlockQ8_1)),
-                        y != nullptr ? y + row * k : nullptr);
+    norm_quantize_block(xr, w, b, scale, vec_x, vec_w, orow + b * static_cast<int64_t>(sizeof(BlockQ8_1)), yrow);
   }
 }
 
