@@ -233,7 +233,7 @@ if [ -n "${EXPERIMENTS:-}" ]; then
   for cfg in "${configs[@]}"; do
     echo "==== $cfg" >>"$EXPLOG"
     envs=(); [ "$cfg" != base ] && read -ra envs <<<"$cfg"
-    (cd /tmp && env "${envs[@]}" timeout 120 python3 -m ggfuse.bench --variants fused two_kernels matvec \
+    (cd /tmp && env "${envs[@]}" timeout 120 python3 -m ggfuse.bench --variants fused two_kernels matvec norm \
        --shapes ${EXP_SHAPES:-4096->4096+1024+1024} --types ${EXP_TYPES:-Q4_K} --batches ${EXP_BATCHES:-1 8} --no-torch --no-plot --repeats 10 \
        --out /tmp/exp 2>&1 | grep -E "^[0-9]|measured" >>"$EXPLOG")
   done

@@ -51,6 +51,8 @@ struct DpSeg {
   int32_t rows;
   int32_t col_begin;
   int32_t row_start;  // first global row (warp) index of this segment
+  int32_t chunk_bytes;  // staged kernel: bytes of 32 units (a warp iteration), dp4a::chunk_bytes
+  int32_t n_chunks;     // staged kernel: chunks per row
 };
 
 struct DpParams {
@@ -92,7 +94,7 @@ __device__ __forceinline__ void dp4a_row(const DpParams& p, const uint32_t* sx, 
   float acc[kCols];
 #pragma unroll
   for (int c = 0; c < kCols; ++c) acc[c] = 0.0f;
-  dp4a::row_dot<kCols, dp4a::GlobalLd>(sd.type, row, nb, sx, lane, acc, first, stage);
+  dp4a::row_dot<kCols, dp4a::GlobalLd>(sd.type, row, nb, sx, lane, acc, dp4a::pipelined(first, stage));
   if (lane == 0) {
 #pragma unroll
     for (int c = 0; c < kCols; ++c) p.out[static_cast<int64_t>(c) * p.n_out + sd.col_begin + r] = acc[c];
@@ -125,32 +127,46 @@ __device__ __forceinline__ int64_t staged_row_offset(const DpParams& p, int grow
   return sd.byte_offset + static_cast<int64_t>(grow - sd.row_start) * sd.row_bytes;
 }
 
-// The warp's copy of one row: the 16-byte granules enclosing it, lanes taking every 32nd granule.
-__device__ __forceinline__ void copy_row_to_slot(const DpParams& p, int64_t off, int64_t bytes, uint8_t* slot,
+// The warp's copy of one row: the 16-byte granules enclosing it, chunk by chunk, one cp.async group
+// per chunk (lanes take every 32nd granule). A granule that straddles two chunks goes with the first,
+// so once the groups up to chunk i have landed all of chunk i's bytes have.
+__device__ __forceinline__ void copy_row_to_slot(const DpParams& p, const DpSeg& sd, int64_t off, uint8_t* slot,
                                                  int lane) {
   const int64_t g0 = off & ~int64_t{15};
-  const int n_gran = static_cast<int>((off + bytes - g0 + 15) >> 4);
-  for (int gi = lane; gi < n_gran; gi += 32) {
-    const int64_t src = g0 + 16 * static_cast<int64_t>(gi);
-    if (src + 16 <= p.weight_bytes) {
-      cp_async_16(slot + 16 * gi, p.weight + src);
-    } else {  // the last granule of a buffer that ends mid-granule: only the bytes inside it
-      for (int64_t i = 0; i < p.weight_bytes - src; ++i) slot[16 * gi + i] = p.weight[src + i];
+  const int64_t end = off + sd.row_bytes;
+  int ga = 0;
+  for (int i = 0; i < sd.n_chunks; ++i) {
+    const int64_t c_end = i + 1 == sd.n_chunks ? end : off + static_cast<int64_t>(i + 1) * sd.chunk_bytes;
+    const int gb = static_cast<int>((c_end - g0 + 15) >> 4);
+    for (int gi = ga + lane; gi < gb; gi += 32) {
+      const int64_t src = g0 + 16 * static_cast<int64_t>(gi);
+      if (src + 16 <= p.weight_bytes) {
+        cp_async_16(slot + 16 * gi, p.weight + src);
+      } else {  // the last granule of a buffer that ends mid-granule: only the bytes inside it
+        for (int64_t b = 0; b < p.weight_bytes - src; ++b) slot[16 * gi + b] = p.weight[src + b];
+      }
     }
+    cp_async_commit();
+    ga = gb;
   }
 }
 
-// Row `grow`, whose copy this lane has waited for, from its slot (warp-wide).
+// Row `grow` from its slot (warp-wide), chunk i once this lane's groups up to `first_group` + i have
+// landed (of `groups` committed) and the warp has met.
 template <int kCols>
 __device__ __forceinline__ void staged_row(const DpParams& p, const uint32_t* sx, const uint8_t* slot, int grow,
-                                           int lane) {
-  __syncwarp();  // every lane's copies of the row have landed
+                                           int first_group, int groups, int lane) {
   const DpSeg* sd;
   const int64_t off = staged_row_offset(p, grow, &sd);
   float acc[kCols];
 #pragma unroll
   for (int c = 0; c < kCols; ++c) acc[c] = 0.0f;
-  dp4a::row_dot<kCols, dp4a::SharedLd>(sd->type, slot + (off & 15), p.x_blocks, sx, lane, acc, false, [] {});
+  auto wait = [&](int i) {
+    cp_async_wait_dyn(groups - 1 - (first_group + i));  // more than 7 pending: waits for more (safe)
+    __syncwarp();  // every lane's copies of the chunk have landed
+  };
+  dp4a::row_dot<kCols, dp4a::SharedLd>(sd->type, slot + (off & 15), p.x_blocks, sx, lane, acc,
+                                       dp4a::Chunked<decltype(wait)>{wait});
   if (lane == 0) {
     const int r = grow - sd->row_start;
 #pragma unroll
@@ -168,29 +184,23 @@ __global__ void __launch_bounds__(kDpThreads) mat_vec_dp4a_staged_kernel(const D
   const int row0 = (blockIdx.x * kDpWarps + warp) * rpw;
   uint8_t* slots = reinterpret_cast<uint8_t*>(smem_words + p.x_words) +
                    static_cast<int64_t>(warp) * rpw * p.slot_bytes;
-  // Every lane commits one group per slot (empty when the warp has no such row), so group j is
-  // row j's copy for every lane.
-  for (int j = 0; j < rpw; ++j) {
-    if (row0 + j < p.total_rows) {
-      const DpSeg* sd;
-      const int64_t off = staged_row_offset(p, row0 + j, &sd);
-      copy_row_to_slot(p, off, sd->row_bytes, slots + j * p.slot_bytes, lane);
-    }
-    cp_async_commit();
+  // Every chunk of the warp's rows is requested before the wait; the groups are the same for
+  // every lane (one per chunk, empty where a lane has no granule).
+  const int rows = max(0, min(rpw, p.total_rows - row0));
+  int groups = 0, groups_row0 = 0;
+  for (int j = 0; j < rows; ++j) {
+    const DpSeg* sd;
+    const int64_t off = staged_row_offset(p, row0 + j, &sd);
+    copy_row_to_slot(p, *sd, off, slots + j * p.slot_bytes, lane);
+    groups += sd->n_chunks;
+    if (j == 0) groups_row0 = groups;
   }
   dp4a::stage_x(p.x, kCols * p.x_blocks, sx);  // the PDL wait, then x (ends with a CTA barrier)
-  // Two straight-line calls, not a loop: with the six-type switch inside a loop the compiler kept
-  // every type's registers live across the back edge (225 registers instead of 80).
-  if (row0 >= p.total_rows) return;
-  if (rpw == 1 || row0 + 1 >= p.total_rows) {
-    cp_async_wait<0>();
-    staged_row<kCols>(p, sx, slots, row0, lane);
-    return;
-  }
-  cp_async_wait<1>();
-  staged_row<kCols>(p, sx, slots, row0, lane);
-  cp_async_wait<0>();
-  staged_row<kCols>(p, sx, slots + p.slot_bytes, row0 + 1, lane);
+  // Straight-line calls, not a loop: with the six-type switch inside a loop the compiler kept every
+  // type's registers live across the back edge (225 registers instead of 80).
+  if (rows == 0) return;
+  staged_row<kCols>(p, sx, slots, row0, 0, groups, lane);
+  if (rows == 2) staged_row<kCols>(p, sx, slots + p.slot_bytes, row0 + 1, groups_row0, groups, lane);
 }
 
 // Raises a kernel's dynamic shared memory limit to the device's opt-in maximum once per device.
@@ -291,6 +301,8 @@ cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, int64_t weight_bytes, const
     sd.rows = in.rows;
     sd.col_begin = in.row_begin;
     sd.row_start = static_cast<int32_t>(rows);
+    sd.chunk_bytes = static_cast<int32_t>(dp4a::chunk_bytes(rb, k, in.type));
+    sd.n_chunks = static_cast<int32_t>((rb + sd.chunk_bytes - 1) / sd.chunk_bytes);
     rows += in.rows;
   }
   if (rows > (int64_t{1} << 30)) return cudaErrorInvalidValue;

@@ -45,7 +45,8 @@ __global__ void __launch_bounds__(kQuantThreads)
 template <typename T, typename W>
 __global__ void __launch_bounds__(kNormMaxThreads)
     rms_norm_q8_1_kernel(const T* __restrict__ x, const W* __restrict__ w, int64_t k, float eps,
-                         bool vec_x, bool vec_w, uint8_t* __restrict__ out, T* __restrict__ y) {
+                         bool vec_x, bool vec_w, bool short_path, bool prefetch_w, uint8_t* __restrict__ out,
+                         T* __restrict__ y) {
   __shared__ float warp_sums[kNormMaxThreads / 32];
   allow_dependent_launch();  // see common.cuh: the dependent touches only weights before its wait
   const int64_t row = blockIdx.x;
@@ -54,8 +55,8 @@ __global__ void __launch_bounds__(kNormMaxThreads)
   uint8_t* orow = out + row * nb * static_cast<int64_t>(sizeof(BlockQ8_1));
   T* yrow = y != nullptr ? y + row * k : nullptr;
   const int b0 = threadIdx.x;
-  const bool one_block = nb <= static_cast<int64_t>(blockDim.x);
-  if (one_block && b0 < nb) {
+  const bool one_block = short_path && nb <= static_cast<int64_t>(blockDim.x);
+  if (prefetch_w && one_block && b0 < nb) {
     prefetch_l2(w + static_cast<int64_t>(b0) * kQK);
     prefetch_l2(w + static_cast<int64_t>(b0) * kQK + kQK - 1);  // the block may straddle two lines
   }
@@ -95,10 +96,14 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 template <typename T, typename W>
 cudaError_t launch_norm(const void* x, const void* w, int64_t rows, int64_t k, float eps,
                         uint8_t* out, void* y, cudaStream_t stream) {
+  // Experiment knobs (docs/PERFORMANCE.md): GGFUSE_NORM_SHORT=0 takes the two-pass path at every K,
+  // GGFUSE_NORM_PREFETCH=0 leaves out the L2 prefetch of w.
+  static const bool short_path = env_int("GGFUSE_NORM_SHORT", 1) != 0;
+  static const bool prefetch_w = env_int("GGFUSE_NORM_PREFETCH", 1) != 0;
   const int threads = norm_threads(k / kQK);
   return launch_kernel(rms_norm_q8_1_kernel<T, W>, dim3(static_cast<unsigned>(rows)), dim3(threads),
                        0, stream, static_cast<const T*>(x), static_cast<const W*>(w), k, eps,
-                       aligned16(x), aligned16(w), out, static_cast<T*>(y));
+                       aligned16(x), aligned16(w), short_path, prefetch_w, out, static_cast<T*>(y));
 }
 
 template <typename T>
