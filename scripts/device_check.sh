@@ -9,8 +9,9 @@
 # Usage (repository root):  OUT=/some/dir scripts/device_check.sh [bench arguments...]
 # Environment: GGFUSE_GIT_COMMIT (the commit being tested; the device copy need not be a git repo),
 #   SKIP_BUILD=1 / SKIP_TESTS=1 / SKIP_SANITIZER=1 / SKIP_BENCH=1 to leave a stage out, NCU=1,
-#   SANITIZER_TOOLS (default "memcheck racecheck"), SANITIZER_CONFIGS (one ENV=VALUE per configuration,
-#   space-separated; default: the MMA fused norm, the dp4a kernel forced, the streaming kernel),
+#   SANITIZER_TOOLS (default "memcheck racecheck"), SANITIZER_CONFIGS (configurations separated by spaces,
+#   each ENV=VALUE[,ENV=VALUE...]; default: the MMA fused norm, the dp4a kernel staged for every type,
+#   the streaming kernel),
 #   SKIP_CPU_TESTS=1 (only tests/test_cuda.py),
 #   GGFUSE_BUILD_CXX (host compiler for the build; on the lent image CXX=/opt/gcc/bin/g++ produced a
 #   _C.so that crashed formatting error messages, /usr/bin/g++ did not),
@@ -120,10 +121,12 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   cuda_variant_stage pytest-cuda-stream GGFUSE_MV_STREAM=8 "mat_vec or graph or compile"
   # the MMA kernel with the norm inside,
   cuda_variant_stage pytest-cuda-mma-fused-norm GGFUSE_FUSED_NORM=1 "rms_norm_mat_vec or graph or compile"
-  # the dp4a kernel for every type and batch chunk (by default only Q4_K weights at B <= 2), staged
-  # through shared memory where it fits, then without the staging.
+  # the dp4a kernel for every type and batch chunk (by default: Q4_K-only weights at B <= 2, weights
+  # with a 2-byte aligned type at B <= 4, staged), with the default staging rule, never staged, and
+  # always staged (where the rows fit).
   cuda_variant_stage pytest-cuda-dp4a-forced GGFUSE_MV_DP4A=8 "mat_vec or graph or compile"
   cuda_variant_stage pytest-cuda-dp4a-unstaged "GGFUSE_MV_DP4A=8 GGFUSE_MV_STAGED=0" "mat_vec or graph or compile"
+  cuda_variant_stage pytest-cuda-dp4a-staged "GGFUSE_MV_DP4A=8 GGFUSE_MV_STAGED=1" "mat_vec or graph or compile"
   [ "${SKIP_CPU_TESTS:-0}" = 1 ] || { stage_start
   (cd /tmp && GGFUSE_REQUIRE_CUDA=1 timeout 240 python3 -m pytest "$REPO/tests" -q -p no:cacheprovider \
      --ignore "$REPO/tests/test_cuda.py" -rfE >>"$OUT/pytest.log" 2>&1)
@@ -209,9 +212,10 @@ EOF
   stage_start
   : >"$OUT/sanitizer.log"
   for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
-    # the default kernels with the MMA kernel's norm, the dp4a kernel (staged where it fits) for every
-    # type, then the streaming kernel (with its norm); SANITIZER_CONFIGS overrides the list
-    for cfg in ${SANITIZER_CONFIGS:-GGFUSE_FUSED_NORM=1 GGFUSE_MV_DP4A=8 GGFUSE_MV_STREAM=8}; do
+    # the default kernels with the MMA kernel's norm, the dp4a kernel staged (where the rows fit) for
+    # every type, then the streaming kernel (with its norm); SANITIZER_CONFIGS overrides the list
+    for cfg in ${SANITIZER_CONFIGS:-GGFUSE_FUSED_NORM=1 GGFUSE_MV_DP4A=8,GGFUSE_MV_STAGED=1 GGFUSE_MV_STREAM=8}; do
+      cfg=${cfg//,/ }
       echo "==== compute-sanitizer --tool $tool ($cfg)" >>"$OUT/sanitizer.log"
       # shellcheck disable=SC2086
       (cd /tmp && env $cfg PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer \

@@ -46,18 +46,13 @@ template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
-// cp.async.wait_group takes an immediate; the pending count is a run-time value. Above 7 it waits
-// until 7 are pending, which is more waiting than asked for, never less.
+// cp.async.wait_group takes an immediate; the stage count is a run-time value (2..4).
 __device__ __forceinline__ void cp_async_wait_dyn(int pending) {
   switch (pending) {
     case 0: cp_async_wait<0>(); break;
     case 1: cp_async_wait<1>(); break;
     case 2: cp_async_wait<2>(); break;
-    case 3: cp_async_wait<3>(); break;
-    case 4: cp_async_wait<4>(); break;
-    case 5: cp_async_wait<5>(); break;
-    case 6: cp_async_wait<6>(); break;
-    default: cp_async_wait<7>(); break;
+    default: cp_async_wait<3>(); break;
   }
 }
 
@@ -67,11 +62,6 @@ __device__ __forceinline__ void prefetch_l2_bulk(const void* addr, uint32_t byte
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(addr), "r"(bytes) : "memory");
 #endif
-}
-
-// Moves the 128-byte line holding `addr` into L2 (no data dependence: safe before the PDL wait).
-__device__ __forceinline__ void prefetch_l2(const void* addr) {
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(addr));
 }
 
 // ---- small loads ----

@@ -336,76 +336,48 @@ __device__ __forceinline__ void dot_b32(int x_blocks, const uint32_t* sx, const 
 }
 
 
-// How a row's units are walked. Lane l takes units l, l + 32, ...; iteration i of the warp covers
-// units [32i, 32i + 32), a contiguous byte range of the row (the row's chunk i).
-//
-// Pipelined (weights in global memory, or already all in shared memory): the next unit is loaded
-// before the current one is used. `first` runs once, after the lane's first load (the dp4a kernel's
-// PDL wait and x copy).
-template <typename First>
-struct Pipelined {
-  bool first;
-  First first_fn;
-  template <int kCols, typename Unit, typename Load, typename Dot>
-  __device__ __forceinline__ void run(int n_units, int lane, Load load, Dot dot, float (&acc)[kCols]) const {
-    Unit cur;
-    int u = lane;
-    if (u < n_units) load(u, cur);
-    if (first) first_fn();
-    while (u < n_units) {
-      Unit next;
-      const int un = u + 32;
-      if (un < n_units) load(un, next);
-      dot(cur, u, acc);
-      cur = next;
-      u = un;
-    }
+// One row's units for this lane (lane, lane + 32, ...), the next unit loaded before the current one
+// is used. `first` runs once, after the lane's first load (the dp4a kernel's PDL wait and x copy).
+template <int kCols, typename Unit, typename Load, typename Dot, typename First>
+__device__ __forceinline__ void run_row(int n_units, int lane, Load load, Dot dot, float (&acc)[kCols],
+                                        bool first, First first_fn) {
+  Unit cur;
+  int u = lane;
+  if (u < n_units) load(u, cur);
+  if (first) first_fn();
+  while (u < n_units) {
+    Unit next;
+    const int un = u + 32;
+    if (un < n_units) load(un, next);
+    dot(cur, u, acc);
+    cur = next;
+    u = un;
   }
-};
-template <typename First>
-__device__ __forceinline__ Pipelined<First> pipelined(bool first, First first_fn) {
-  return Pipelined<First>{first, first_fn};
 }
-// Chunked (weights arriving in shared memory chunk by chunk): every lane calls wait(i) before
-// iteration i, which returns once chunk i of the row is in shared memory for the whole warp.
-template <typename Wait>
-struct Chunked {
-  Wait wait;
-  template <int kCols, typename Unit, typename Load, typename Dot>
-  __device__ __forceinline__ void run(int n_units, int lane, Load load, Dot dot, float (&acc)[kCols]) const {
-    const int chunks = (n_units + 31) >> 5;
-    for (int i = 0; i < chunks; ++i) {
-      wait(i);
-      const int u = lane + 32 * i;
-      if (u < n_units) {
-        Unit w;
-        load(u, w);
-        dot(w, u, acc);
-      }
-    }
-  }
-};
 
-// A whole row (warp-wide) of type kType at `row` (in memory Ld), walked by `walk`: the lane's
-// partial sums in acc, then summed over the warp (every lane gets the totals).
-template <int kCols, int32_t kType, class Ld, typename Walk>
+// A whole row (warp-wide) of type kType at `row` (in memory Ld): the lane's partial sums in acc,
+// then summed over the warp (every lane gets the totals). `first`/`first_fn` as in run_row.
+template <int kCols, int32_t kType, class Ld, typename First>
 __device__ __forceinline__ void row_dot_typed(const uint8_t* row, int x_blocks, const uint32_t* sx, int lane,
-                                              float (&acc)[kCols], const Walk& walk) {
+                                              float (&acc)[kCols], bool first, First first_fn) {
   const int nb = x_blocks;
   if constexpr (kType == kQ4_K || kType == kQ5_K) {
     constexpr bool kQ5 = kType == kQ5_K;
-    walk.template run<kCols, UnitK<kQ5>>(
+    run_row<kCols, UnitK<kQ5>>(
         nb / 2, lane, [&](int un, UnitK<kQ5>& w) { load_k<Ld, kQ5>(row, un, w); },
-        [&](const UnitK<kQ5>& w, int un, float (&a)[kCols]) { dot_k<kCols, kQ5>(nb, sx, w, un, a); }, acc);
+        [&](const UnitK<kQ5>& w, int un, float (&a)[kCols]) { dot_k<kCols, kQ5>(nb, sx, w, un, a); }, acc, first,
+        first_fn);
   } else if constexpr (kType == kQ6_K) {
-    walk.template run<kCols, UnitQ6>(
+    run_row<kCols, UnitQ6>(
         nb / 2, lane, [&](int un, UnitQ6& w) { load_q6<Ld>(row, un, w); },
-        [&](const UnitQ6& w, int un, float (&a)[kCols]) { dot_q6<kCols>(nb, sx, w, un, a); }, acc);
+        [&](const UnitQ6& w, int un, float (&a)[kCols]) { dot_q6<kCols>(nb, sx, w, un, a); }, acc, first,
+        first_fn);
   } else {  // Q4_0, Q5_0, Q8_0
     constexpr int kW = words_of<kType>();
-    walk.template run<kCols, WordsU<kW>>(
+    run_row<kCols, WordsU<kW>>(
         nb, lane, [&](int un, WordsU<kW>& w) { load_words<Ld, kW>(row + un * bytes_of<kType>(), w); },
-        [&](const WordsU<kW>& w, int un, float (&a)[kCols]) { dot_b32<kCols, kType>(nb, sx, w, un, a); }, acc);
+        [&](const WordsU<kW>& w, int un, float (&a)[kCols]) { dot_b32<kCols, kType>(nb, sx, w, un, a); }, acc,
+        first, first_fn);
   }
 #pragma unroll
   for (int c = 0; c < kCols; ++c) {
@@ -415,24 +387,17 @@ __device__ __forceinline__ void row_dot_typed(const uint8_t* row, int x_blocks, 
 }
 
 // The same for a run-time type (one of the six mat-vec types).
-template <int kCols, class Ld, typename Walk>
+template <int kCols, class Ld, typename First>
 __device__ __forceinline__ void row_dot(int32_t type, const uint8_t* row, int x_blocks, const uint32_t* sx,
-                                        int lane, float (&acc)[kCols], const Walk& walk) {
+                                        int lane, float (&acc)[kCols], bool first, First first_fn) {
   switch (type) {
-    case kQ4_K: return row_dot_typed<kCols, kQ4_K, Ld>(row, x_blocks, sx, lane, acc, walk);
-    case kQ5_K: return row_dot_typed<kCols, kQ5_K, Ld>(row, x_blocks, sx, lane, acc, walk);
-    case kQ6_K: return row_dot_typed<kCols, kQ6_K, Ld>(row, x_blocks, sx, lane, acc, walk);
-    case kQ4_0: return row_dot_typed<kCols, kQ4_0, Ld>(row, x_blocks, sx, lane, acc, walk);
-    case kQ5_0: return row_dot_typed<kCols, kQ5_0, Ld>(row, x_blocks, sx, lane, acc, walk);
-    default: return row_dot_typed<kCols, kQ8_0, Ld>(row, x_blocks, sx, lane, acc, walk);
+    case kQ4_K: return row_dot_typed<kCols, kQ4_K, Ld>(row, x_blocks, sx, lane, acc, first, first_fn);
+    case kQ5_K: return row_dot_typed<kCols, kQ5_K, Ld>(row, x_blocks, sx, lane, acc, first, first_fn);
+    case kQ6_K: return row_dot_typed<kCols, kQ6_K, Ld>(row, x_blocks, sx, lane, acc, first, first_fn);
+    case kQ4_0: return row_dot_typed<kCols, kQ4_0, Ld>(row, x_blocks, sx, lane, acc, first, first_fn);
+    case kQ5_0: return row_dot_typed<kCols, kQ5_0, Ld>(row, x_blocks, sx, lane, acc, first, first_fn);
+    default: return row_dot_typed<kCols, kQ8_0, Ld>(row, x_blocks, sx, lane, acc, first, first_fn);
   }
-}
-
-// Bytes of a row's chunk (32 units: 8 super-blocks of a K-quant, 32 blocks of the others).
-__host__ __device__ inline int64_t chunk_bytes(int64_t row_bytes, int64_t k, int32_t type) {
-  const bool k_quant = type == kQ4_K || type == kQ5_K || type == kQ6_K;
-  const int64_t units = k_quant ? k / 64 : k / 32;
-  return row_bytes / units * 32;
 }
 
 }  // namespace dp4a

@@ -51,11 +51,19 @@ constexpr int kScratchFloats = 256;  // per warp: one item's scales as floats (1
 constexpr uint32_t kNibbles = 0x0F0F0F0Fu;
 constexpr uint32_t kOnes = 0x01010101u;
 // When the dp4a kernel (mat_vec_dp4a.cu) runs instead of this one, from the H200 measurements in
-// docs/PERFORMANCE.md (v7): weights made only of Q4_K rows, batch chunks of 1-2 (QKV 5.3 vs 9.2 us at
-// B=1, 6.8 vs 10.3 at B=2; equal or slower from B=4; slower whenever Q4_0 or Q6_K rows are in the
-// launch). GGFUSE_MV_DP4A=N forces it for every chunk of <= N rows and every type (0: never).
+// docs/PERFORMANCE.md (v7, v9):
+//   * weights made only of Q4_K rows, batch chunks of 1-2, reading the weights straight from global
+//     memory (QKV 5.3 vs 9.2 us at B=1, 6.8 vs 10.3 at B=2; equal or slower from B=4; staged through
+//     shared memory it measured 6.5 at B=1);
+//   * weights with any 2-byte aligned type (Q4_0, Q5_0, Q8_0, Q6_K), chunks of 1-4, staged through
+//     shared memory (QKV Q4_0 6.7 / 7.7 / 9.9 us at B=1 / 2 / 4 against 10.3 / 11.4 / 11.9;
+//     Q4_K+Q6_K 7.1 / 8.7 / 12.3 against 13.2 / 14.4 / 14.7); unstaged, these were slower than MMA.
+// GGFUSE_MV_DP4A=N forces the dp4a kernel for every chunk of <= N rows and every type (0: never);
+// GGFUSE_MV_STAGED=0/1 makes it never / always stage (where the rows fit), instead of the rule above.
 constexpr int kDp4aAutoMaxBatch = 2;
 constexpr int kDp4aAutoTypes = 8;  // type_bit(kQ4_K)
+constexpr int kDp4aStagedMaxBatch = 4;
+constexpr int kTypes2ByteAligned = 1 | 2 | 4 | 32;  // type_bit of Q4_0, Q5_0, Q8_0, Q6_K
 
 // Shared-memory bytes per row of a stage, per type: room for the 16-byte granules that enclose 256
 // values of a row starting at any even offset, and = 16 (mod 32) so that the 8 rows read by one
@@ -743,13 +751,15 @@ int max_tiles_for(const Params& p, int grid) {
 // 13% slower), GGFUSE_FUSED_NORM=1 (rms_norm_mat_vec_q8_1 normalizes inside the mat-vec kernel;
 // default off: with PDL the separate norm kernel measured faster), GGFUSE_MV_DP4A (the largest
 // batch chunk that runs mat_vec_dp4a.cu's kernel for every type; 0: never; unset: the measured rule
-// above kDp4aAutoMaxBatch).
+// above kDp4aAutoMaxBatch), GGFUSE_MV_STAGED (0/1: the dp4a kernel never / always stages its rows in
+// shared memory; unset: the measured rule above).
 struct Overrides {
   int stages = env_int("GGFUSE_MV_STAGES", 2);
   int k_groups = env_int("GGFUSE_MV_KGROUPS", 0);
   bool prefetch = env_int("GGFUSE_MV_PREFETCH", 0) != 0;
   bool fused_norm = env_int("GGFUSE_FUSED_NORM", 0) != 0;
   int dp4a_forced = env_int("GGFUSE_MV_DP4A", -1);  // -1: the measured rule
+  int staged_forced = env_int("GGFUSE_MV_STAGED", -1);  // -1: the measured rule
 };
 const Overrides& overrides() {
   static const Overrides o;
@@ -895,11 +905,14 @@ cudaError_t mat_vec_q8_1(const uint8_t* weight, int64_t weight_bytes, const Segm
       if (err != cudaSuccess) return err;
       continue;
     }
-    const int forced = overrides().dp4a_forced;
-    const bool dp4a = forced < 0 ? p.batch <= kDp4aAutoMaxBatch && (types & ~kDp4aAutoTypes) == 0
-                                 : p.batch <= forced;
+    const Overrides& ov = overrides();
+    const bool two_byte = (types & kTypes2ByteAligned) != 0;
+    const bool staged = ov.staged_forced < 0 ? two_byte : ov.staged_forced != 0;
+    const bool dp4a = ov.dp4a_forced >= 0 ? p.batch <= ov.dp4a_forced
+                      : two_byte          ? p.batch <= kDp4aStagedMaxBatch
+                                          : p.batch <= kDp4aAutoMaxBatch && (types & ~kDp4aAutoTypes) == 0;
     if (dp4a) {  // NotSupported: x does not fit in shared memory
-      err = mat_vec_q8_1_dp4a(weight, weight_bytes, table, k, p.x, p.batch, p.out, n_out, stream);
+      err = mat_vec_q8_1_dp4a(weight, weight_bytes, table, k, p.x, p.batch, p.out, n_out, staged, stream);
     }
     if (err == cudaErrorNotSupported) err = launch_any(p, types, device, stream);
     if (err != cudaSuccess) return err;

@@ -21,15 +21,18 @@
 //     first weight unit before the wait. (Reading them straight from global/L1 with 4-byte loads
 //     at a 36-byte stride across lanes measured 1.5-4x slower at B >= 2: L1 wavefronts.)
 //   * 8 warps per CTA, 2 rows per warp: a CTA per 16 rows, 72-80 registers, ~3 CTAs per SM.
-//   * staged variant (the default where it fits; GGFUSE_MV_STAGED=0 turns it off): before the PDL
-//     wait each warp copies the whole of its rows into its own shared-memory slots with 16-byte
-//     cp.async (the enclosing granules, so every byte keeps its address mod 16 and the units read
-//     them with the same code through SharedLd). A CTA's weights are then all requested before it
-//     waits for the previous kernel, instead of one unit per lane, so the weight stream overlaps the
-//     norm kernel and the previous layer's tail; and the 2-byte aligned types (Q4_0, Q6_K, ...) are
-//     fetched once, in 16-byte granules, instead of in 4-byte words that each fetch their sectors.
-//     The granule crossing the end of the weight buffer is copied byte by byte (nothing past it is
-//     read). Rows per warp drop to 1 when 16 rows' slots would leave fewer than 3 CTAs per SM.
+//   * staged variant (mat_vec.cu decides: by default for weights with a 2-byte aligned type): before
+//     the PDL wait each warp copies the whole of its rows into its own shared-memory slots with
+//     16-byte cp.async (the enclosing granules, so every byte keeps its address mod 16 and the units
+//     read them with the same code through SharedLd); the granule crossing the end of the weight
+//     buffer is copied byte by byte (nothing past it is read). Rows per warp drop to 1 when 16 rows'
+//     slots would leave fewer than 3 CTAs per SM. The 2-byte aligned types (Q4_0, Q6_K, ...) are then
+//     fetched once, in 16-byte granules, instead of in 4-byte words that each fetch their sectors:
+//     QKV Q4_0 at B=1 6.7 us instead of 11.8 (H200). For Q4_K, whose units are already 16-byte loads,
+//     it measured slower (6.5 against 5.3): all of a CTA's bytes are requested at once and arrive
+//     together near the end of the layer's transfer, so the arithmetic starts late; waiting per
+//     32-unit chunk instead of per row was slower still (7.6: no software pipelining of the
+//     shared-memory loads). docs/PERFORMANCE.md v9 has the table.
 #include <algorithm>
 
 #include "dp4a_units.cuh"
@@ -51,8 +54,6 @@ struct DpSeg {
   int32_t rows;
   int32_t col_begin;
   int32_t row_start;  // first global row (warp) index of this segment
-  int32_t chunk_bytes;  // staged kernel: bytes of 32 units (a warp iteration), dp4a::chunk_bytes
-  int32_t n_chunks;     // staged kernel: chunks per row
 };
 
 struct DpParams {
@@ -94,7 +95,7 @@ __device__ __forceinline__ void dp4a_row(const DpParams& p, const uint32_t* sx, 
   float acc[kCols];
 #pragma unroll
   for (int c = 0; c < kCols; ++c) acc[c] = 0.0f;
-  dp4a::row_dot<kCols, dp4a::GlobalLd>(sd.type, row, nb, sx, lane, acc, dp4a::pipelined(first, stage));
+  dp4a::row_dot<kCols, dp4a::GlobalLd>(sd.type, row, nb, sx, lane, acc, first, stage);
   if (lane == 0) {
 #pragma unroll
     for (int c = 0; c < kCols; ++c) p.out[static_cast<int64_t>(c) * p.n_out + sd.col_begin + r] = acc[c];
@@ -127,46 +128,32 @@ __device__ __forceinline__ int64_t staged_row_offset(const DpParams& p, int grow
   return sd.byte_offset + static_cast<int64_t>(grow - sd.row_start) * sd.row_bytes;
 }
 
-// The warp's copy of one row: the 16-byte granules enclosing it, chunk by chunk, one cp.async group
-// per chunk (lanes take every 32nd granule). A granule that straddles two chunks goes with the first,
-// so once the groups up to chunk i have landed all of chunk i's bytes have.
-__device__ __forceinline__ void copy_row_to_slot(const DpParams& p, const DpSeg& sd, int64_t off, uint8_t* slot,
+// The warp's copy of one row: the 16-byte granules enclosing it, lanes taking every 32nd granule.
+__device__ __forceinline__ void copy_row_to_slot(const DpParams& p, int64_t off, int64_t bytes, uint8_t* slot,
                                                  int lane) {
   const int64_t g0 = off & ~int64_t{15};
-  const int64_t end = off + sd.row_bytes;
-  int ga = 0;
-  for (int i = 0; i < sd.n_chunks; ++i) {
-    const int64_t c_end = i + 1 == sd.n_chunks ? end : off + static_cast<int64_t>(i + 1) * sd.chunk_bytes;
-    const int gb = static_cast<int>((c_end - g0 + 15) >> 4);
-    for (int gi = ga + lane; gi < gb; gi += 32) {
-      const int64_t src = g0 + 16 * static_cast<int64_t>(gi);
-      if (src + 16 <= p.weight_bytes) {
-        cp_async_16(slot + 16 * gi, p.weight + src);
-      } else {  // the last granule of a buffer that ends mid-granule: only the bytes inside it
-        for (int64_t b = 0; b < p.weight_bytes - src; ++b) slot[16 * gi + b] = p.weight[src + b];
-      }
+  const int n_gran = static_cast<int>((off + bytes - g0 + 15) >> 4);
+  for (int gi = lane; gi < n_gran; gi += 32) {
+    const int64_t src = g0 + 16 * static_cast<int64_t>(gi);
+    if (src + 16 <= p.weight_bytes) {
+      cp_async_16(slot + 16 * gi, p.weight + src);
+    } else {  // the last granule of a buffer that ends mid-granule: only the bytes inside it
+      for (int64_t i = 0; i < p.weight_bytes - src; ++i) slot[16 * gi + i] = p.weight[src + i];
     }
-    cp_async_commit();
-    ga = gb;
   }
 }
 
-// Row `grow` from its slot (warp-wide), chunk i once this lane's groups up to `first_group` + i have
-// landed (of `groups` committed) and the warp has met.
+// Row `grow`, whose copy this lane has waited for, from its slot (warp-wide).
 template <int kCols>
 __device__ __forceinline__ void staged_row(const DpParams& p, const uint32_t* sx, const uint8_t* slot, int grow,
-                                           int first_group, int groups, int lane) {
+                                           int lane) {
+  __syncwarp();  // every lane's copies of the row have landed
   const DpSeg* sd;
   const int64_t off = staged_row_offset(p, grow, &sd);
   float acc[kCols];
 #pragma unroll
   for (int c = 0; c < kCols; ++c) acc[c] = 0.0f;
-  auto wait = [&](int i) {
-    cp_async_wait_dyn(groups - 1 - (first_group + i));  // more than 7 pending: waits for more (safe)
-    __syncwarp();  // every lane's copies of the chunk have landed
-  };
-  dp4a::row_dot<kCols, dp4a::SharedLd>(sd->type, slot + (off & 15), p.x_blocks, sx, lane, acc,
-                                       dp4a::Chunked<decltype(wait)>{wait});
+  dp4a::row_dot<kCols, dp4a::SharedLd>(sd->type, slot + (off & 15), p.x_blocks, sx, lane, acc, false, [] {});
   if (lane == 0) {
     const int r = grow - sd->row_start;
 #pragma unroll
@@ -184,23 +171,29 @@ __global__ void __launch_bounds__(kDpThreads) mat_vec_dp4a_staged_kernel(const D
   const int row0 = (blockIdx.x * kDpWarps + warp) * rpw;
   uint8_t* slots = reinterpret_cast<uint8_t*>(smem_words + p.x_words) +
                    static_cast<int64_t>(warp) * rpw * p.slot_bytes;
-  // Every chunk of the warp's rows is requested before the wait; the groups are the same for
-  // every lane (one per chunk, empty where a lane has no granule).
-  const int rows = max(0, min(rpw, p.total_rows - row0));
-  int groups = 0, groups_row0 = 0;
-  for (int j = 0; j < rows; ++j) {
-    const DpSeg* sd;
-    const int64_t off = staged_row_offset(p, row0 + j, &sd);
-    copy_row_to_slot(p, *sd, off, slots + j * p.slot_bytes, lane);
-    groups += sd->n_chunks;
-    if (j == 0) groups_row0 = groups;
+  // Every lane commits one group per slot (empty when the warp has no such row), so group j is
+  // row j's copy for every lane.
+  for (int j = 0; j < rpw; ++j) {
+    if (row0 + j < p.total_rows) {
+      const DpSeg* sd;
+      const int64_t off = staged_row_offset(p, row0 + j, &sd);
+      copy_row_to_slot(p, off, sd->row_bytes, slots + j * p.slot_bytes, lane);
+    }
+    cp_async_commit();
   }
   dp4a::stage_x(p.x, kCols * p.x_blocks, sx);  // the PDL wait, then x (ends with a CTA barrier)
-  // Straight-line calls, not a loop: with the six-type switch inside a loop the compiler kept every
-  // type's registers live across the back edge (225 registers instead of 80).
-  if (rows == 0) return;
-  staged_row<kCols>(p, sx, slots, row0, 0, groups, lane);
-  if (rows == 2) staged_row<kCols>(p, sx, slots + p.slot_bytes, row0 + 1, groups_row0, groups, lane);
+  // Two straight-line calls, not a loop: with the six-type switch inside a loop the compiler kept
+  // every type's registers live across the back edge (225 registers instead of 80).
+  if (row0 >= p.total_rows) return;
+  if (rpw == 1 || row0 + 1 >= p.total_rows) {
+    cp_async_wait<0>();
+    staged_row<kCols>(p, sx, slots, row0, lane);
+    return;
+  }
+  cp_async_wait<1>();
+  staged_row<kCols>(p, sx, slots, row0, lane);
+  cp_async_wait<0>();
+  staged_row<kCols>(p, sx, slots + p.slot_bytes, row0 + 1, lane);
 }
 
 // Raises a kernel's dynamic shared memory limit to the device's opt-in maximum once per device.
@@ -255,8 +248,7 @@ cudaError_t launch_dp4a_staged(DpParams p, cudaStream_t stream) {
 }
 
 template <int kCols>
-cudaError_t launch_dp4a(const DpParams& p, cudaStream_t stream) {
-  static const bool staged = env_int("GGFUSE_MV_STAGED", 1) != 0;
+cudaError_t launch_dp4a(const DpParams& p, bool staged, cudaStream_t stream) {
   if (staged) {
     const cudaError_t err = launch_dp4a_staged<kCols>(p, stream);
     if (err != cudaErrorNotSupported) return err;
@@ -272,7 +264,7 @@ cudaError_t launch_dp4a(const DpParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, int64_t weight_bytes, const SegmentTable& table, int64_t k,
-                              const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out,
+                              const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out, bool staged,
                               cudaStream_t stream) {
   if (batch <= 0 || table.count <= 0) return cudaSuccess;
   if (batch > kDpMaxCols || table.count > kMaxSegments || k <= 0 || k % kQK != 0 ||
@@ -301,21 +293,19 @@ cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, int64_t weight_bytes, const
     sd.rows = in.rows;
     sd.col_begin = in.row_begin;
     sd.row_start = static_cast<int32_t>(rows);
-    sd.chunk_bytes = static_cast<int32_t>(dp4a::chunk_bytes(rb, k, in.type));
-    sd.n_chunks = static_cast<int32_t>((rb + sd.chunk_bytes - 1) / sd.chunk_bytes);
     rows += in.rows;
   }
   if (rows > (int64_t{1} << 30)) return cudaErrorInvalidValue;
   p.total_rows = static_cast<int32_t>(rows);
   switch (batch) {
-    case 1: return launch_dp4a<1>(p, stream);
-    case 2: return launch_dp4a<2>(p, stream);
-    case 3: return launch_dp4a<3>(p, stream);
-    case 4: return launch_dp4a<4>(p, stream);
-    case 5: return launch_dp4a<5>(p, stream);
-    case 6: return launch_dp4a<6>(p, stream);
-    case 7: return launch_dp4a<7>(p, stream);
-    default: return launch_dp4a<8>(p, stream);
+    case 1: return launch_dp4a<1>(p, staged, stream);
+    case 2: return launch_dp4a<2>(p, staged, stream);
+    case 3: return launch_dp4a<3>(p, staged, stream);
+    case 4: return launch_dp4a<4>(p, staged, stream);
+    case 5: return launch_dp4a<5>(p, staged, stream);
+    case 6: return launch_dp4a<6>(p, staged, stream);
+    case 7: return launch_dp4a<7>(p, staged, stream);
+    default: return launch_dp4a<8>(p, staged, stream);
   }
 }
 

@@ -122,21 +122,7 @@ __device__ __forceinline__ float rms_scale(float total, int64_t k, float eps) {
   return __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, static_cast<float>(k)), eps)));
 }
 
-// One block's values: y = (x * scale) * w in fp32, optionally stored in x's type at y_block, then
-// Q8_1 of y. v is overwritten with y.
-template <typename T>
-__device__ __forceinline__ void norm_quantize_values(float v[kQK], const float wv[kQK], float scale,
-                                                     uint8_t* out_block, T* y_block) {
-#pragma unroll
-  for (int i = 0; i < kQK; ++i) v[i] = __fmul_rn(__fmul_rn(v[i], scale), wv[i]);
-  if (y_block != nullptr) {
-#pragma unroll
-    for (int i = 0; i < kQK; ++i) store_one(v[i], y_block + i);
-  }
-  quantize_block(v, out_block);
-}
-
-// Block b of a row, loaded from x and w.
+// Block b of a row: y = (x * scale) * w in fp32, optionally stored in x's type, then Q8_1 of y.
 template <typename T, typename W>
 __device__ __forceinline__ void norm_quantize_block(const T* xr, const W* w, int64_t b, float scale,
                                                     bool vec_x, bool vec_w, uint8_t* out_block,
@@ -144,7 +130,13 @@ __device__ __forceinline__ void norm_quantize_block(const T* xr, const W* w, int
   float v[kQK], wv[kQK];
   load_block(xr + b * kQK, vec_x, v);
   load_block(w + b * kQK, vec_w, wv);
-  norm_quantize_values(v, wv, scale, out_block, y_row != nullptr ? y_row + b * kQK : nullptr);
+#pragma unroll
+  for (int i = 0; i < kQK; ++i) v[i] = __fmul_rn(__fmul_rn(v[i], scale), wv[i]);
+  if (y_row != nullptr) {
+#pragma unroll
+    for (int i = 0; i < kQK; ++i) store_one(v[i], y_row + b * kQK + i);
+  }
+  quantize_block(v, out_block);
 }
 
 // The norm a mat-vec CTA runs for itself (mat_vec.cu with GGFUSE_FUSED_NORM=1, mat_vec_stream.cu):

@@ -35,59 +35,26 @@ __global__ void __launch_bounds__(kQuantThreads)
 
 // One thread block of norm_threads(K/32) threads per row (norm.cuh has the arithmetic and the order
 // of the sum of squares, shared with the fused norm + mat-vec kernel).
-//
-// Rows of up to kNormMaxThreads blocks (K <= 8192), where each thread owns at most one block, take a
-// short path: the block of x and the block of w are loaded together right after the PDL wait and kept
-// in registers through the reduction, so the row costs one round trip to memory instead of two (the
-// norm sits on every layer's critical path). w is also prefetched into L2 before the wait: a prefetch
-// only moves lines into L2, the point of coherence, so it is safe even if the previous kernel writes
-// w, and the load after the wait then hits L2. Same sums in the same order, so the same bytes.
 template <typename T, typename W>
 __global__ void __launch_bounds__(kNormMaxThreads)
     rms_norm_q8_1_kernel(const T* __restrict__ x, const W* __restrict__ w, int64_t k, float eps,
-                         bool vec_x, bool vec_w, bool short_path, bool prefetch_w, uint8_t* __restrict__ out,
-                         T* __restrict__ y) {
+                         bool vec_x, bool vec_w, uint8_t* __restrict__ out, T* __restrict__ y) {
   __shared__ float warp_sums[kNormMaxThreads / 32];
   allow_dependent_launch();  // see common.cuh: the dependent touches only weights before its wait
+  grid_dependency_wait();
   const int64_t row = blockIdx.x;
   const int64_t nb = k / kQK;
   const T* xr = x + row * k;
-  uint8_t* orow = out + row * nb * static_cast<int64_t>(sizeof(BlockQ8_1));
-  T* yrow = y != nullptr ? y + row * k : nullptr;
-  const int b0 = threadIdx.x;
-  const bool one_block = short_path && nb <= static_cast<int64_t>(blockDim.x);
-  if (prefetch_w && one_block && b0 < nb) {
-    prefetch_l2(w + static_cast<int64_t>(b0) * kQK);
-    prefetch_l2(w + static_cast<int64_t>(b0) * kQK + kQK - 1);  // the block may straddle two lines
-  }
-  grid_dependency_wait();
-  float v[kQK], wv[kQK];
-  float part = 0.0f;
-  if (one_block) {
-    if (b0 < nb) {
-      load_block(xr + static_cast<int64_t>(b0) * kQK, vec_x, v);
-      load_block(w + static_cast<int64_t>(b0) * kQK, vec_w, wv);
-#pragma unroll
-      for (int j = 0; j < kQK; ++j) part = __fadd_rn(part, __fmul_rn(v[j], v[j]));
-    }
-  } else {
-    part = row_sum_sq_part(xr, nb, threadIdx.x, blockDim.x, vec_x);
-  }
-  part = warp_sum(part);
+  const float part = warp_sum(row_sum_sq_part(xr, nb, threadIdx.x, blockDim.x, vec_x));
   if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = part;
   __syncthreads();
   float total = 0.0f;
   for (unsigned i = 0; i < blockDim.x / 32; ++i) total = __fadd_rn(total, warp_sums[i]);  // in order
   const float scale = rms_scale(total, k, eps);
-  if (one_block) {
-    if (b0 < nb) {
-      norm_quantize_values(v, wv, scale, orow + static_cast<int64_t>(b0) * sizeof(BlockQ8_1),
-                           yrow != nullptr ? yrow + static_cast<int64_t>(b0) * kQK : nullptr);
-    }
-    return;
-  }
+  uint8_t* orow = out + row * nb * static_cast<int64_t>(sizeof(BlockQ8_1));
   for (int64_t b = threadIdx.x; b < nb; b += blockDim.x) {
-    norm_quantize_block(xr, w, b, scale, vec_x, vec_w, orow + b * static_cast<int64_t>(sizeof(BlockQ8_1)), yrow);
+    norm_quantize_block(xr, w, b, scale, vec_x, vec_w, orow + b * static_cast<int64_t>(sizeof(BlockQ8_1)),
+                        y != nullptr ? y + row * k : nullptr);
   }
 }
 
@@ -96,14 +63,10 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 template <typename T, typename W>
 cudaError_t launch_norm(const void* x, const void* w, int64_t rows, int64_t k, float eps,
                         uint8_t* out, void* y, cudaStream_t stream) {
-  // Experiment knobs (docs/PERFORMANCE.md): GGFUSE_NORM_SHORT=0 takes the two-pass path at every K,
-  // GGFUSE_NORM_PREFETCH=0 leaves out the L2 prefetch of w.
-  static const bool short_path = env_int("GGFUSE_NORM_SHORT", 1) != 0;
-  static const bool prefetch_w = env_int("GGFUSE_NORM_PREFETCH", 1) != 0;
   const int threads = norm_threads(k / kQK);
   return launch_kernel(rms_norm_q8_1_kernel<T, W>, dim3(static_cast<unsigned>(rows)), dim3(threads),
                        0, stream, static_cast<const T*>(x), static_cast<const W*>(w), k, eps,
-                       aligned16(x), aligned16(w), short_path, prefetch_w, out, static_cast<T*>(y));
+                       aligned16(x), aligned16(w), out, static_cast<T*>(y));
 }
 
 template <typename T>

@@ -31,13 +31,13 @@ cudaError_t mat_vec_q8_1(const uint8_t* weight, int64_t weight_bytes, const Segm
                          cudaStream_t stream);
 
 // The same for batch 1..8 with one warp per row and dp4a (mat_vec_dp4a.cu); mat_vec_q8_1 calls it
-// for the launches where it measured faster (Q4_K-only weights, chunks of <= 2 rows; GGFUSE_MV_DP4A=N
-// forces it for every type and chunks of <= N rows, 0 never).
-// By default the CTA's rows are first copied whole into shared memory (before the PDL wait) when they
-// fit at >= 3 CTAs per SM; GGFUSE_MV_STAGED=0 reads them from global memory unit by unit instead.
+// for the launches where it measured faster (mat_vec.cu has the rule; GGFUSE_MV_DP4A=N forces it for
+// every type and chunks of <= N rows, 0 never). staged: each CTA first copies its rows whole into
+// shared memory (before the PDL wait) when they fit at >= 3 CTAs per SM, else it reads them from
+// global memory unit by unit.
 // Returns cudaErrorNotSupported, having launched nothing, when x does not fit in shared memory.
 cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, int64_t weight_bytes, const SegmentTable& table, int64_t k,
-                              const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out,
+                              const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out, bool staged,
                               cudaStream_t stream);
 
 // rms_norm_mul_q8_1 fused into mat_vec_q8_1 for batch <= 8: every CTA of the mat-vec normalizes and
