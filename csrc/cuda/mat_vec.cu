@@ -911,7 +911,7 @@ cudaError_t mat_vec_q8_1(const uint8_t* weight, int64_t weight_bytes, const Segm
     const bool dp4a = ov.dp4a_forced >= 0 ? p.batch <= ov.dp4a_forced
                       : two_byte          ? p.batch <= kDp4aStagedMaxBatch
                                           : p.batch <= kDp4aAutoMaxBatch && (types & ~kDp4aAutoTypes) == 0;
-    if (dp4a) {  // NotSupported: x does not fit in shared memory
+    if (dp4a) {  // NotSupported: x (or, staged, x and the rows) does not fit
       err = mat_vec_q8_1_dp4a(weight, weight_bytes, table, k, p.x, p.batch, p.out, n_out, staged, stream);
     }
     if (err == cudaErrorNotSupported) err = launch_any(p, types, device, stream);

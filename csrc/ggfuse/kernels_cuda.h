@@ -33,9 +33,9 @@ cudaError_t mat_vec_q8_1(const uint8_t* weight, int64_t weight_bytes, const Segm
 // The same for batch 1..8 with one warp per row and dp4a (mat_vec_dp4a.cu); mat_vec_q8_1 calls it
 // for the launches where it measured faster (mat_vec.cu has the rule; GGFUSE_MV_DP4A=N forces it for
 // every type and chunks of <= N rows, 0 never). staged: each CTA first copies its rows whole into
-// shared memory (before the PDL wait) when they fit at >= 3 CTAs per SM, else it reads them from
-// global memory unit by unit.
-// Returns cudaErrorNotSupported, having launched nothing, when x does not fit in shared memory.
+// shared memory (before the PDL wait); otherwise it reads them from global memory unit by unit.
+// Returns cudaErrorNotSupported, having launched nothing, when x does not fit in shared memory, or
+// when staged and x plus the rows do not fit at >= 3 CTAs per SM (the caller runs the MMA kernel).
 cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, int64_t weight_bytes, const SegmentTable& table, int64_t k,
                               const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out, bool staged,
                               cudaStream_t stream);
