@@ -217,7 +217,8 @@ def test_mat_vec_row_counts(poison_outputs, rows):
     [(T.Q4_K, 33), (T.Q6_K, 17)],                                            # odd sizes
     [(T.Q4_K, 17), (T.Q5_K, 5), (T.Q6_K, 3), (T.Q4_0, 9), (T.Q8_0, 4), (T.Q5_0, 3)],  # every type
     [(T.Q6_K, 1), (T.Q4_0, 1), (T.Q6_K, 3)],                                 # tiny, unaligned rows
-], ids=["q4k_q4k_q6k", "q4k_q6k_odd", "every_type", "tiny"])
+    [(T.Q6_K, 3), (T.Q4_K, 5), (T.Q4_0, 3)],  # warps with a staged row then an unstaged one, and back
+], ids=["q4k_q4k_q6k", "q4k_q6k_odd", "every_type", "tiny", "staged_unstaged"])
 @pytest.mark.parametrize("k", [256, 14336])
 @pytest.mark.parametrize("batch", [1, 8])
 def test_mat_vec_mixed_segments(poison_outputs, specs, k, batch):

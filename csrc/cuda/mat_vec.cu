@@ -55,11 +55,12 @@ constexpr uint32_t kOnes = 0x01010101u;
 //   * weights made only of Q4_K rows, batch chunks of 1-2, reading the weights straight from global
 //     memory (QKV 5.3 vs 9.2 us at B=1, 6.8 vs 10.3 at B=2; equal or slower from B=4; staged through
 //     shared memory it measured 6.5 at B=1);
-//   * weights with any 2-byte aligned type (Q4_0, Q5_0, Q8_0, Q6_K), chunks of 1-4, staged through
-//     shared memory (QKV Q4_0 6.7 / 7.7 / 9.9 us at B=1 / 2 / 4 against 10.3 / 11.4 / 11.9;
-//     Q4_K+Q6_K 7.1 / 8.7 / 12.3 against 13.2 / 14.4 / 14.7); unstaged, these were slower than MMA.
+//   * weights with any 2-byte aligned type (Q4_0, Q5_0, Q8_0, Q6_K), chunks of 1-4, those rows
+//     staged through shared memory (all rows staged: QKV Q4_0 6.7 / 7.7 / 9.9 us at B=1 / 2 / 4
+//     against 10.3 / 11.4 / 11.9; Q4_K+Q6_K 7.1 / 8.7 / 12.3 against 13.2 / 14.4 / 14.7); unstaged,
+//     these were slower than MMA. Where the staged rows do not fit, the MMA kernel runs.
 // GGFUSE_MV_DP4A=N forces the dp4a kernel for every chunk of <= N rows and every type (0: never);
-// GGFUSE_MV_STAGED=0/1 makes it never / always stage (where the rows fit), instead of the rule above.
+// GGFUSE_MV_STAGED=0/1 makes it stage no rows / all rows, instead of the rule above.
 constexpr int kDp4aAutoMaxBatch = 2;
 constexpr int kDp4aAutoTypes = 8;  // type_bit(kQ4_K)
 constexpr int kDp4aStagedMaxBatch = 4;
@@ -907,12 +908,14 @@ cudaError_t mat_vec_q8_1(const uint8_t* weight, int64_t weight_bytes, const Segm
     }
     const Overrides& ov = overrides();
     const bool two_byte = (types & kTypes2ByteAligned) != 0;
-    const bool staged = ov.staged_forced < 0 ? two_byte : ov.staged_forced != 0;
+    const DpStaging staging = ov.staged_forced == 0  ? DpStaging::kNone
+                              : ov.staged_forced > 0 ? DpStaging::kAll
+                                                     : DpStaging::kTwoByteTypes;
     const bool dp4a = ov.dp4a_forced >= 0 ? p.batch <= ov.dp4a_forced
                       : two_byte          ? p.batch <= kDp4aStagedMaxBatch
                                           : p.batch <= kDp4aAutoMaxBatch && (types & ~kDp4aAutoTypes) == 0;
     if (dp4a) {  // NotSupported: x (or, staged, x and the rows) does not fit
-      err = mat_vec_q8_1_dp4a(weight, weight_bytes, table, k, p.x, p.batch, p.out, n_out, staged, stream);
+      err = mat_vec_q8_1_dp4a(weight, weight_bytes, table, k, p.x, p.batch, p.out, n_out, staging, stream);
     }
     if (err == cudaErrorNotSupported) err = launch_any(p, types, device, stream);
     if (err != cudaSuccess) return err;

@@ -54,6 +54,7 @@ struct DpSeg {
   int32_t rows;
   int32_t col_begin;
   int32_t row_start;  // first global row (warp) index of this segment
+  int32_t staged;     // staged kernel: 1 when this segment's rows are copied into shared memory
 };
 
 struct DpParams {
@@ -171,29 +172,42 @@ __global__ void __launch_bounds__(kDpThreads) mat_vec_dp4a_staged_kernel(const D
   const int row0 = (blockIdx.x * kDpWarps + warp) * rpw;
   uint8_t* slots = reinterpret_cast<uint8_t*>(smem_words + p.x_words) +
                    static_cast<int64_t>(warp) * rpw * p.slot_bytes;
-  // Every lane commits one group per slot (empty when the warp has no such row), so group j is
-  // row j's copy for every lane.
-  for (int j = 0; j < rpw; ++j) {
-    if (row0 + j < p.total_rows) {
+  const int rows = max(0, min(rpw, p.total_rows - row0));
+  // Rows of staged segments are copied whole; every lane commits one group per row (empty for a
+  // row read from global memory), so group j is row j's copy for every lane.
+  bool staged0 = false, staged1 = false;
+#pragma unroll
+  for (int j = 0; j < kDpRowsPerWarp; ++j) {
+    if (j < rows) {
       const DpSeg* sd;
       const int64_t off = staged_row_offset(p, row0 + j, &sd);
-      copy_row_to_slot(p, off, sd->row_bytes, slots + j * p.slot_bytes, lane);
+      if (sd->staged) copy_row_to_slot(p, off, sd->row_bytes, slots + j * p.slot_bytes, lane);
+      (j == 0 ? staged0 : staged1) = sd->staged != 0;
+      cp_async_commit();
     }
-    cp_async_commit();
   }
-  dp4a::stage_x(p.x, kCols * p.x_blocks, sx);  // the PDL wait, then x (ends with a CTA barrier)
-  // Two straight-line calls, not a loop: with the six-type switch inside a loop the compiler kept
-  // every type's registers live across the back edge (225 registers instead of 80).
-  if (row0 >= p.total_rows) return;
-  if (rpw == 1 || row0 + 1 >= p.total_rows) {
-    cp_async_wait<0>();
-    staged_row<kCols>(p, sx, slots, row0, lane);
+  auto stage = [&] { dp4a::stage_x(p.x, kCols * p.x_blocks, sx); };  // the PDL wait, then x
+  // Straight-line calls, not a loop: with the six-type switch inside a loop the compiler kept every
+  // type's registers live across the back edge (225 registers instead of 80).
+  if (rows == 0) {
+    stage();
     return;
   }
-  cp_async_wait<1>();
-  staged_row<kCols>(p, sx, slots, row0, lane);
-  cp_async_wait<0>();
-  staged_row<kCols>(p, sx, slots + p.slot_bytes, row0 + 1, lane);
+  if (staged0) {
+    stage();
+    if (rows == 2) cp_async_wait<1>(); else cp_async_wait<0>();
+    staged_row<kCols>(p, sx, slots, row0, lane);
+  } else {  // a row of an unstaged segment: its first unit is loaded before the wait, as in the
+            // register kernel
+    dp4a_row<kCols, true>(p, sx, row0, lane, stage);
+  }
+  if (rows < 2) return;
+  if (staged1) {
+    cp_async_wait<0>();
+    staged_row<kCols>(p, sx, slots + p.slot_bytes, row0 + 1, lane);
+  } else {
+    dp4a_row<kCols, false>(p, sx, row0 + 1, lane, stage);
+  }
 }
 
 // Raises a kernel's dynamic shared memory limit to the device's opt-in maximum once per device.
@@ -228,7 +242,9 @@ cudaError_t launch_dp4a_staged(DpParams p, cudaStream_t stream) {
   }
   const int optin = device_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
   int64_t max_row = 0;
-  for (int s = 0; s < p.n_seg; ++s) max_row = std::max(max_row, p.seg[s].row_bytes);
+  for (int s = 0; s < p.n_seg; ++s) {
+    if (p.seg[s].staged) max_row = std::max(max_row, p.seg[s].row_bytes);
+  }
   p.slot_bytes = static_cast<int32_t>((max_row + 15 + 15) & ~int64_t{15});  // any phase mod 16
   const int64_t x_words = static_cast<int64_t>(kCols) * p.x_blocks * 10;  // 9 words + half sums per block
   p.x_words = static_cast<int32_t>((x_words + 3) & ~int64_t{3});
@@ -248,10 +264,10 @@ cudaError_t launch_dp4a_staged(DpParams p, cudaStream_t stream) {
 }
 
 template <int kCols>
-cudaError_t launch_dp4a(const DpParams& p, bool staged, cudaStream_t stream) {
+cudaError_t launch_dp4a(const DpParams& p, bool any_staged, cudaStream_t stream) {
   // Staged or not at all: where the slots do not fit, the unstaged kernel measured slower than the
   // MMA kernel for the types that ask for staging (QKV 8192 Q4_0 at B=4: 39.7 against 30.3 us).
-  if (staged) return launch_dp4a_staged<kCols>(p, stream);
+  if (any_staged) return launch_dp4a_staged<kCols>(p, stream);
   const int grid = (p.total_rows + kDpCtaRows - 1) / kDpCtaRows;
   const size_t smem = static_cast<size_t>(kCols) * p.x_blocks * (kQ8Bytes + 4);
   static int smem_set[64] = {};
@@ -263,8 +279,8 @@ cudaError_t launch_dp4a(const DpParams& p, bool staged, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, int64_t weight_bytes, const SegmentTable& table, int64_t k,
-                              const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out, bool staged,
-                              cudaStream_t stream) {
+                              const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out,
+                              DpStaging staging, cudaStream_t stream) {
   if (batch <= 0 || table.count <= 0) return cudaSuccess;
   if (batch > kDpMaxCols || table.count > kMaxSegments || k <= 0 || k % kQK != 0 ||
       k > (int64_t{1} << 30)) {
@@ -280,6 +296,7 @@ cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, int64_t weight_bytes, const
   p.n_out = static_cast<int32_t>(n_out);
   p.n_seg = table.count;
   int64_t rows = 0;
+  bool staged = false;  // any segment
   for (int s = 0; s < table.count; ++s) {
     const Segment& in = table.seg[s];
     if (!is_mat_vec_type(in.type) || in.rows <= 0) return cudaErrorInvalidValue;
@@ -292,6 +309,9 @@ cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, int64_t weight_bytes, const
     sd.rows = in.rows;
     sd.col_begin = in.row_begin;
     sd.row_start = static_cast<int32_t>(rows);
+    const bool aligned16 = in.type == kQ4_K || in.type == kQ5_K;  // units of 16-byte loads
+    sd.staged = staging == DpStaging::kAll || (staging == DpStaging::kTwoByteTypes && !aligned16) ? 1 : 0;
+    staged = staged || sd.staged != 0;
     rows += in.rows;
   }
   if (rows > (int64_t{1} << 30)) return cudaErrorInvalidValue;

@@ -30,15 +30,20 @@ cudaError_t mat_vec_q8_1(const uint8_t* weight, int64_t weight_bytes, const Segm
                          const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out,
                          cudaStream_t stream);
 
+// Which rows the dp4a kernel copies whole into shared memory (with cp.async, before its PDL wait)
+// instead of reading them from global memory unit by unit: none, the rows of the 2-byte aligned types
+// (Q4_0, Q5_0, Q8_0, Q6_K; Q4_K / Q5_K rows, read with 16-byte loads, stay in global memory), or all.
+enum class DpStaging : int { kNone = 0, kTwoByteTypes = 1, kAll = 2 };
+
 // The same for batch 1..8 with one warp per row and dp4a (mat_vec_dp4a.cu); mat_vec_q8_1 calls it
 // for the launches where it measured faster (mat_vec.cu has the rule; GGFUSE_MV_DP4A=N forces it for
-// every type and chunks of <= N rows, 0 never). staged: each CTA first copies its rows whole into
-// shared memory (before the PDL wait); otherwise it reads them from global memory unit by unit.
+// every type and chunks of <= N rows, 0 never; GGFUSE_MV_STAGED=0/1 forces kNone / kAll).
 // Returns cudaErrorNotSupported, having launched nothing, when x does not fit in shared memory, or
-// when staged and x plus the rows do not fit at >= 3 CTAs per SM (the caller runs the MMA kernel).
+// when some rows are staged and x plus the rows' slots do not fit at >= 3 CTAs per SM (the caller
+// then runs the MMA kernel).
 cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, int64_t weight_bytes, const SegmentTable& table, int64_t k,
-                              const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out, bool staged,
-                              cudaStream_t stream);
+                              const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out,
+                              DpStaging staging, cudaStream_t stream);
 
 // rms_norm_mul_q8_1 fused into mat_vec_q8_1 for batch <= 8: every CTA of the mat-vec normalizes and
 // quantizes x [batch, k] itself (into shared memory: the bytes rms_norm_mul_q8_1 writes), so one
