@@ -76,11 +76,12 @@ __device__ __forceinline__ uint32_t lds32(const uint8_t* p) { return *reinterpre
 // A device attribute, cached per (device, attribute) since launches ask on every call; 0 on error.
 inline int device_attribute(int device, cudaDeviceAttr attr) {
   constexpr int kMaxDevices = 64;
-  constexpr int kSlots = 4;
+  constexpr int kSlots = 6;
   static const cudaDeviceAttr kCached[kSlots] = {
       cudaDevAttrComputeCapabilityMajor, cudaDevAttrMultiProcessorCount, cudaDevAttrL2CacheSize,
-      cudaDevAttrMaxSharedMemoryPerBlockOptin};
-  static int cache[kMaxDevices][kSlots] = {};  // 0 = not read yet (no attribute here is 0 on a GPU)
+      cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+      cudaDevAttrReservedSharedMemoryPerBlock};
+  static int cache[kMaxDevices][kSlots] = {};  // 0 = not read yet (an attribute that is 0 is read again)
   int slot = -1;
   for (int i = 0; i < kSlots; ++i) {
     if (kCached[i] == attr) slot = i;

@@ -234,13 +234,10 @@ cudaError_t launch_dp4a_staged(DpParams p, cudaStream_t stream) {
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  int per_sm = 0, reserved = 0;
-  if (cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return cudaErrorNotSupported;
-  }
+  const int per_sm = device_attribute(device, cudaDevAttrMaxSharedMemoryPerMultiprocessor);
+  const int reserved = device_attribute(device, cudaDevAttrReservedSharedMemoryPerBlock);
   const int optin = device_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  if (per_sm <= 0 || optin <= 0) return cudaErrorNotSupported;
   int64_t max_row = 0;
   for (int s = 0; s < p.n_seg; ++s) {
     if (p.seg[s].staged) max_row = std::max(max_row, p.seg[s].row_bytes);
