@@ -64,7 +64,6 @@ constexpr uint32_t kOnes = 0x01010101u;
 constexpr int kDp4aAutoMaxBatch = 2;
 constexpr int kDp4aAutoTypes = 8;  // type_bit(kQ4_K)
 constexpr int kDp4aStagedMaxBatch = 4;
-constexpr int kTypes2ByteAligned = 1 | 2 | 4 | 32;  // type_bit of Q4_0, Q5_0, Q8_0, Q6_K
 
 // Shared-memory bytes per row of a stage, per type: room for the 16-byte granules that enclose 256
 // values of a row starting at any even offset, and = 16 (mod 32) so that the 8 rows read by one
@@ -79,7 +78,7 @@ __host__ __device__ constexpr int stage_row_stride(int32_t type) {
        : 0;
 }
 template <int32_t kType>
-constexpr int max_granules() { return stage_row_stride(kType) / 16 - (kType == kQ4_K || kType == kQ5_K ? 0 : 1); }
+constexpr int max_granules() { return stage_row_stride(kType) / 16 - (blocks_16_aligned(kType) ? 0 : 1); }
 // Kernel variants by the set of types they handle: code for types a launch does not have only costs
 // registers (the all-types kernel spills a few at 128 per thread), so the common sets get their own.
 __host__ __device__ constexpr int type_bit(int32_t type) {
@@ -89,9 +88,10 @@ __host__ __device__ constexpr int type_bit(int32_t type) {
 constexpr int kMaskKQuants = 8 | 16 | 32;   // Q4_K, Q5_K, Q6_K
 constexpr int kMaskBlocks32 = 1 | 2 | 4;    // Q4_0, Q5_0, Q8_0
 constexpr int kMaskAll = 63;
+constexpr int kMask2ByteAligned = kMaskAll & ~(8 | 16);  // every type but Q4_K, Q5_K (blocks_16_aligned)
 
 template <int32_t kType>
-constexpr bool always_aligned() { return kType == kQ4_K || kType == kQ5_K; }
+constexpr bool always_aligned() { return blocks_16_aligned(kType); }
 template <int32_t kType>
 constexpr int type_block_bytes() {
   return kType == kQ4_0 ? 18 : kType == kQ5_0 ? 22 : kType == kQ8_0 ? 34
@@ -907,7 +907,7 @@ cudaError_t mat_vec_q8_1(const uint8_t* weight, int64_t weight_bytes, const Segm
       continue;
     }
     const Overrides& ov = overrides();
-    const bool two_byte = (types & kTypes2ByteAligned) != 0;
+    const bool two_byte = (types & kMask2ByteAligned) != 0;
     const DpStaging staging = ov.staged_forced == 0  ? DpStaging::kNone
                               : ov.staged_forced > 0 ? DpStaging::kAll
                                                      : DpStaging::kTwoByteTypes;

@@ -306,8 +306,8 @@ cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, int64_t weight_bytes, const
     sd.rows = in.rows;
     sd.col_begin = in.row_begin;
     sd.row_start = static_cast<int32_t>(rows);
-    const bool aligned16 = in.type == kQ4_K || in.type == kQ5_K;  // units of 16-byte loads
-    sd.staged = staging == DpStaging::kAll || (staging == DpStaging::kTwoByteTypes && !aligned16) ? 1 : 0;
+    sd.staged = staging == DpStaging::kAll || (staging == DpStaging::kTwoByteTypes && !blocks_16_aligned(in.type))
+                    ? 1 : 0;
     staged = staged || sd.staged != 0;
     rows += in.rows;
   }

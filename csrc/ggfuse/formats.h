@@ -115,6 +115,10 @@ GGFUSE_HD bool is_mat_vec_type(int32_t type) {
   return type == kQ4_0 || type == kQ5_0 || type == kQ8_0 || type == kQ4_K || type == kQ5_K ||
          type == kQ6_K;
 }
+// Mat-vec types whose blocks are a multiple of 16 bytes (Q4_K 144, Q5_K 176), so every block of a
+// 16-byte aligned segment is 16-byte aligned; the others (Q4_0 18, Q5_0 22, Q8_0 34, Q6_K 210) are
+// only 2-byte aligned, and the CUDA kernels read them through enclosing 16-byte granules.
+GGFUSE_HD constexpr bool blocks_16_aligned(int32_t type) { return type == kQ4_K || type == kQ5_K; }
 const char* type_name(int32_t type);  // defined in cpu/formats.cpp; "type 7" style for unknown ids
 
 // ---- half / bfloat16 <-> float, bit-exact with IEEE round-to-nearest-even ----
