@@ -119,8 +119,9 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # The kernels that are off by default go through the same tests: the streaming kernel (sm_90, with
   # and without its norm) for every batch chunk of <= 8 rows,
   cuda_variant_stage pytest-cuda-stream GGFUSE_MV_STREAM=8 "mat_vec or graph or compile"
-  # the MMA kernel with the norm inside,
+  # the MMA kernel with the norm inside, and no in-CTA norm at all (the norm kernel, then the mat-vec),
   cuda_variant_stage pytest-cuda-mma-fused-norm GGFUSE_FUSED_NORM=1 "rms_norm_mat_vec or graph or compile"
+  cuda_variant_stage pytest-cuda-two-kernels GGFUSE_FUSED_NORM=0 "rms_norm_mat_vec or graph or compile"
   # the dp4a kernel for every type and batch chunk (by default: Q4_K-only weights at B <= 2, weights
   # with a 2-byte aligned type at B <= 4, staged), with the default staging rule, never staged, and
   # always staged (where the rows fit).
@@ -192,7 +193,7 @@ for t in (T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K):
     ggfuse.dequantize(torch.from_numpy(blocks(t, 5, 512)).to(dev), t)
 specs = [[(T.Q4_K, 33), (T.Q6_K, 17)], [(T.Q4_0, 19), (T.Q5_0, 3), (T.Q8_0, 5), (T.Q5_K, 2), (T.Q6_K, 3)], [(T.Q6_K, 3)]]
 for k, spec in [(512, specs[0]), (96 * 32, specs[0]), (512, specs[1]), (5120, specs[2]), (96, [(T.Q4_0, 7), (T.Q8_0, 3)]),
-                (8192, [(T.Q4_K, 5), (T.Q6_K, 3)])]:
+                (8192, [(T.Q4_K, 5), (T.Q6_K, 3)]), (4096, [(T.Q4_K, 20)])]:
     if k % 256 and any(t in (T.Q4_K, T.Q5_K, T.Q6_K) for t, _ in spec):
         continue
     pieces, offs, total = [], [], 0

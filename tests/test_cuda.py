@@ -334,6 +334,48 @@ def test_rms_norm_mat_vec_op_shapes_and_views(poison_outputs):
     assert rel_err(got, two.double().cpu().numpy()) < 1e-6
 
 
+FUSED_NORM_SPECS = {
+    "q4_k": [(T.Q4_K, 70)],
+    "q4_k+q6_k": [(T.Q4_K, 33), (T.Q6_K, 17)],
+    "q4_0+q8_0": [(T.Q4_0, 40), (T.Q8_0, 9)],
+    "q5_k+q5_0+q4_k": [(T.Q5_K, 8), (T.Q5_0, 24), (T.Q4_K, 5)],
+}
+
+
+@pytest.mark.parametrize("name", list(FUSED_NORM_SPECS))
+@pytest.mark.parametrize("k", [256, 4096, 8192])
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_rms_norm_mat_vec_in_cta_norm(poison_outputs, name, k, batch):
+    # Where the dp4a kernel runs (by default Q4_K-only chunks <= 2, chunks <= 4 with a 2-byte aligned
+    # type) its CTAs normalize x themselves: the same Q8_1 bytes as the norm kernel, so the same bits
+    # as the two-kernel path. K = 8192 takes the norm's rounds past the ones held in registers.
+    specs = FUSED_NORM_SPECS[name]
+    segments, buf, qtypes, rows, offsets = make_fused(specs, k)
+    x = randn(batch, k, dtype=torch.bfloat16).to(DEV)
+    nw = (1.0 + 0.2 * torch.randn(k)).to(torch.bfloat16).to(DEV)
+    buf_d = buf.to(DEV)
+    got = ggfuse.ops.rms_norm_mat_vec_q8_1(x, nw, 1e-5, buf_d, qtypes, rows, offsets)
+    xq = ggfuse.rms_norm_mul_q8_1(x, nw, 1e-5)
+    two = ggfuse.mat_vec_q8_1(xq, buf_d, qtypes, rows, offsets)
+    assert torch.equal(got, two)
+    assert rel_err(got, exact_mat_vec(segments, xq.cpu().numpy())) < CUDA_EXACT_TOL
+
+
+@pytest.mark.parametrize("k", [32, 96, 1056])
+@pytest.mark.parametrize("x_dtype", FLOAT_DTYPES, ids=str)
+def test_rms_norm_mat_vec_in_cta_norm_odd_widths(poison_outputs, k, x_dtype):
+    # K not a multiple of 256 (blocks of 32 only): rounds that leave whole warps and lane groups idle.
+    specs = [(T.Q4_0, 21), (T.Q5_0, 3), (T.Q8_0, 11)]
+    segments, buf, qtypes, rows, offsets = make_fused(specs, k)
+    x = randn(2, k, dtype=x_dtype).to(DEV)
+    nw = (1.0 + 0.2 * torch.randn(k)).to(DEV)
+    got = ggfuse.ops.rms_norm_mat_vec_q8_1(x, nw, 1e-6, buf.to(DEV), qtypes, rows, offsets)
+    xq = ggfuse.rms_norm_mul_q8_1(x, nw, 1e-6)
+    assert torch.equal(got, ggfuse.mat_vec_q8_1(xq, buf.to(DEV), qtypes, rows, offsets))
+    assert rel_err(got, exact_mat_vec(segments, xq.cpu().numpy())) < CUDA_EXACT_TOL
+    compare_q8_1(xq, ggfuse.rms_norm_mul_q8_1(x.cpu(), nw.cpu(), 1e-6), "rms_norm_mul_q8_1")
+
+
 def test_cuda_graph_capture_and_replay():
     members, fused = make_layer()
     nw = (1.0 + 0.2 * torch.randn(4096, device=DEV)).to(torch.bfloat16)

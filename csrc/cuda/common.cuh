@@ -8,7 +8,9 @@
 //   * each kernel calls allow_dependent_launch() first thing, so the next ggfuse kernel in the stream
 //     can be scheduled while this one (and the one before it) runs; the only work any ggfuse kernel
 //     does before its own wait is reading quantized weight bytes, which no ggfuse kernel ever writes
-//     (a torch kernel that writes them does not trigger early, so it has finished by then);
+//     (a torch kernel that writes them does not trigger early, so it has finished by then), and
+//     prefetching other inputs into L2 (a prefetch returns nothing: the loads come after the wait
+//     and L2 is coherent, so they see the producer's writes);
 //   * a kernel launched without the attribute (or after a kernel that never triggers) simply starts
 //     after its predecessor finished, and the wait returns at once.
 // Torch-free on purpose: these are compiled by nvcc only.

@@ -138,14 +138,8 @@ struct Params {
   int32_t k_groups;       // warps that split K (16 / k_groups tile groups)
   uint32_t prefetch_cap;  // bytes of L2 prefetch per CTA (0: off)
   // Fused norm (rms_norm_mat_vec_q8_1): every CTA turns x into the Q8_1 rows itself, in shared memory.
-  const void* norm_x;     // [batch, K] of x_type, or null: x above holds the Q8_1 rows
-  const void* norm_w;     // [K] of w_type
-  float eps;
-  int32_t norm_types;     // 3 * x_type + w_type (FloatType values)
-  int32_t norm_vec;       // bit 0: x may use 16-byte loads; bit 1: w may
-  int32_t norm_nthreads;  // norm_threads(K / 32): the reduction order of the standalone kernel
-  int32_t act_offset;     // shared-memory byte offsets of the Q8_1 rows and of the norm's scratch
-  int32_t red_offset;
+  NormArgs norm;          // norm.x: [batch, K] to normalize here, or null: x above holds the Q8_1 rows
+  int32_t act_offset;     // shared-memory byte offset of the Q8_1 rows the CTA's norm writes
 };
 
 struct TileInfo {
@@ -550,33 +544,17 @@ __device__ __forceinline__ void compute_item_typed(const Params& p, const SegDes
 }
 
 // The fused norm: rms_norm_mul_q8_1 of the launch's batch rows, computed by this CTA into `act`
-// (Q8_1 rows, as the standalone kernel writes them; norm.cuh's cta_norm_q8_1).
-template <typename T, typename W>
-__device__ __forceinline__ void norm_phase_typed(const Params& p, uint8_t* act, float* red) {
-  const int64_t row_bytes = p.x_row_bytes;
-  cta_norm_q8_1(static_cast<const T*>(p.norm_x), static_cast<const W*>(p.norm_w), p.batch, p.x_blocks,
-                p.norm_nthreads, p.eps, (p.norm_vec & 1) != 0, (p.norm_vec & 2) != 0, red,
-                [&](int b, int64_t blk, const uint32_t (&q)[9]) {
-                  uint32_t* o = reinterpret_cast<uint32_t*>(act + b * row_bytes +
-                                                            blk * static_cast<int64_t>(sizeof(BlockQ8_1)));
-#pragma unroll
-                  for (int i = 0; i < 9; ++i) o[i] = q[i];
+// (Q8_1 rows, the bytes the standalone kernel writes; norm.cuh). Out of line: it runs once per CTA,
+// and inlining nine instantiations would crowd the main loop.
+__device__ __noinline__ void norm_phase(const Params& p, uint8_t* act) {
+  uint32_t* words = reinterpret_cast<uint32_t*>(act);  // rows of 9-word blocks, 4-byte aligned
+  const int nb = p.x_blocks;
+  cta_norm_q8_1(p.norm, p.batch, static_cast<int64_t>(nb) * kQK,
+                [&](int b, int64_t blk, int j, uint32_t word, uint32_t ds, uint32_t) {
+                  uint32_t* o = words + 9 * (static_cast<int64_t>(b) * nb + blk);
+                  o[1 + j] = word;
+                  if (j == 0) o[0] = ds;
                 });
-}
-
-__device__ __noinline__ void norm_phase(const Params& p, uint8_t* act, float* red) {
-  // Out of line: it runs once per CTA, and inlining nine instantiations would crowd the main loop.
-  switch (p.norm_types) {
-    case 0: return norm_phase_typed<float, float>(p, act, red);
-    case 1: return norm_phase_typed<float, Half>(p, act, red);
-    case 2: return norm_phase_typed<float, Bf16>(p, act, red);
-    case 3: return norm_phase_typed<Half, float>(p, act, red);
-    case 4: return norm_phase_typed<Half, Half>(p, act, red);
-    case 5: return norm_phase_typed<Half, Bf16>(p, act, red);
-    case 6: return norm_phase_typed<Bf16, float>(p, act, red);
-    case 7: return norm_phase_typed<Bf16, Half>(p, act, red);
-    default: return norm_phase_typed<Bf16, Bf16>(p, act, red);
-  }
 }
 
 template <int kCols, int kMask>
@@ -658,8 +636,8 @@ __global__ void __launch_bounds__(kThreads, 1) mat_vec_kernel(const __grid_const
 
   // The Q8_1 activations: the caller's rows, or this CTA's own norm of x.
   const uint8_t* xq = p.x;
-  if (p.norm_x != nullptr) {
-    norm_phase(p, smem + p.act_offset, reinterpret_cast<float*>(smem + p.red_offset));
+  if (p.norm.x != nullptr) {
+    norm_phase(p, smem + p.act_offset);
     xq = smem + p.act_offset;
   }
 
@@ -749,8 +727,9 @@ int max_tiles_for(const Params& p, int grid) {
 // Tuning knobs for experiments (docs/PERFORMANCE.md has the measurements), read once:
 // GGFUSE_MV_STAGES (2..4; default 2), GGFUSE_MV_KGROUPS (1..16, a power of two; default chosen per
 // launch), GGFUSE_MV_PREFETCH=1 (bulk L2 prefetch of each CTA's weights; default off: it measured
-// 13% slower), GGFUSE_FUSED_NORM=1 (rms_norm_mat_vec_q8_1 normalizes inside the mat-vec kernel;
-// default off: with PDL the separate norm kernel measured faster), GGFUSE_MV_DP4A (the largest
+// 13% slower), GGFUSE_FUSED_NORM (rms_norm_mat_vec_q8_1: unset, the dp4a kernel's CTAs normalize x
+// themselves wherever that kernel runs, other launches run the norm kernel then the mat-vec; 0: always
+// the two kernels; 1: also this kernel's in-CTA norm, which measured slower than two kernels), GGFUSE_MV_DP4A (the largest
 // batch chunk that runs mat_vec_dp4a.cu's kernel for every type; 0: never; unset: the measured rule
 // above kDp4aAutoMaxBatch), GGFUSE_MV_STAGED (0/1: the dp4a kernel never / always stages its rows in
 // shared memory; unset: the measured rule above).
@@ -758,13 +737,25 @@ struct Overrides {
   int stages = env_int("GGFUSE_MV_STAGES", 2);
   int k_groups = env_int("GGFUSE_MV_KGROUPS", 0);
   bool prefetch = env_int("GGFUSE_MV_PREFETCH", 0) != 0;
-  bool fused_norm = env_int("GGFUSE_FUSED_NORM", 0) != 0;
+  int fused_norm = env_int("GGFUSE_FUSED_NORM", -1);  // -1: the dp4a kernel's (the measured rule)
   int dp4a_forced = env_int("GGFUSE_MV_DP4A", -1);  // -1: the measured rule
   int staged_forced = env_int("GGFUSE_MV_STAGED", -1);  // -1: the measured rule
 };
 const Overrides& overrides() {
   static const Overrides o;
   return o;
+}
+
+// Whether a batch chunk of `batch` rows of weights with these types (type_bit set) runs the dp4a
+// kernel, and with which rows staged (the measured rule above, or the GGFUSE_MV_DP4A / _STAGED knobs).
+bool use_dp4a(int types, int batch, DpStaging* staging) {
+  const Overrides& ov = overrides();
+  *staging = ov.staged_forced == 0 ? DpStaging::kNone
+             : ov.staged_forced > 0 ? DpStaging::kAll
+                                    : DpStaging::kTwoByteTypes;
+  if (ov.dp4a_forced >= 0) return batch <= ov.dp4a_forced;
+  if ((types & kMask2ByteAligned) != 0) return batch <= kDp4aStagedMaxBatch;
+  return batch <= kDp4aAutoMaxBatch && (types & ~kDp4aAutoTypes) == 0;
 }
 
 template <int kCols, int kMask>
@@ -794,11 +785,7 @@ cudaError_t launch_cols(Params& p, int device, cudaStream_t stream) {
                               static_cast<size_t>(kWarps) * kScratchFloats * sizeof(float);
     // Fused norm: the Q8_1 rows and the norm's reduction scratch follow the scratch.
     size_t norm_bytes = 0;
-    if (p.norm_x != nullptr) {
-      const size_t act = (static_cast<size_t>(p.batch) * p.x_row_bytes + 15) & ~size_t{15};
-      const size_t red = (static_cast<size_t>(p.batch) * p.norm_nthreads + kMaxCols * 8 + kMaxCols) * sizeof(float);
-      norm_bytes = act + red;
-    }
+    if (p.norm.x != nullptr) norm_bytes = (static_cast<size_t>(p.batch) * p.x_row_bytes + 15) & ~size_t{15};
     const size_t fixed = before_act + norm_bytes;
     const size_t per_stage = static_cast<size_t>(kWarps) * p.stage_bytes;
     const size_t room = smem_optin > static_cast<int>(fixed) ? smem_optin - fixed : 0;
@@ -809,15 +796,15 @@ cudaError_t launch_cols(Params& p, int device, cudaStream_t stream) {
     grid = std::min({p.total_tiles, grid * 2, kMaxGrid});  // more CTAs, fewer tiles (and slots) each
   }
   if (smem > static_cast<size_t>(smem_optin)) {
-    return p.norm_x != nullptr ? cudaErrorNotSupported : cudaErrorInvalidConfiguration;
+    return p.norm.x != nullptr ? cudaErrorNotSupported : cudaErrorInvalidConfiguration;
   }
-  if (p.norm_x != nullptr) {  // the kernel's layout: tiles | stages | partials | scratch | act | red
+  if (p.norm.x != nullptr) {  // the kernel's layout: tiles | stages | partials | scratch | act
     p.act_offset = static_cast<int32_t>(static_cast<size_t>(p.max_tiles) * sizeof(TileInfo) +
                                         static_cast<size_t>(kWarps) * p.stages * p.stage_bytes +
                                         static_cast<size_t>(p.max_tiles) * p.k_groups * 32 * 16 +
                                         static_cast<size_t>(kWarps) * kScratchFloats * sizeof(float));
-    p.red_offset = p.act_offset + static_cast<int32_t>((static_cast<size_t>(p.batch) * p.x_row_bytes + 15) & ~size_t{15});
   }
+
   for (int c = 0; c <= grid; ++c) p.cta_tile[c] = first_tile_at(p, cta_cost_bound(p, c, grid));
   // Prefetch at most half the L2 across the grid, so a layer larger than the L2 does not evict its
   // own prefetched bytes before they are read.
@@ -906,15 +893,8 @@ cudaError_t mat_vec_q8_1(const uint8_t* weight, int64_t weight_bytes, const Segm
       if (err != cudaSuccess) return err;
       continue;
     }
-    const Overrides& ov = overrides();
-    const bool two_byte = (types & kMask2ByteAligned) != 0;
-    const DpStaging staging = ov.staged_forced == 0  ? DpStaging::kNone
-                              : ov.staged_forced > 0 ? DpStaging::kAll
-                                                     : DpStaging::kTwoByteTypes;
-    const bool dp4a = ov.dp4a_forced >= 0 ? p.batch <= ov.dp4a_forced
-                      : two_byte          ? p.batch <= kDp4aStagedMaxBatch
-                                          : p.batch <= kDp4aAutoMaxBatch && (types & ~kDp4aAutoTypes) == 0;
-    if (dp4a) {  // NotSupported: x (or, staged, x and the rows) does not fit
+    DpStaging staging;
+    if (use_dp4a(types, p.batch, &staging)) {  // NotSupported: x (or, staged, x and the rows) does not fit
       err = mat_vec_q8_1_dp4a(weight, weight_bytes, table, k, p.x, p.batch, p.out, n_out, staging, stream);
     }
     if (err == cudaErrorNotSupported) err = launch_any(p, types, device, stream);
@@ -931,7 +911,8 @@ cudaError_t rms_norm_mat_vec_q8_1(const void* x, FloatType x_type, const void* n
   const cudaError_t stream_err = rms_norm_mat_vec_q8_1_stream(x, x_type, norm_w, w_type, eps, weight, weight_bytes,
                                                               table, k, batch, out, n_out, stream);
   if (stream_err != cudaErrorNotSupported) return stream_err;
-  if (batch > kMaxCols || !overrides().fused_norm) return cudaErrorNotSupported;
+  const int fused = overrides().fused_norm;
+  if (batch > kMaxCols || fused == 0) return cudaErrorNotSupported;
   if (!valid_args(table, k)) return cudaErrorInvalidValue;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -939,16 +920,18 @@ cudaError_t rms_norm_mat_vec_q8_1(const void* x, FloatType x_type, const void* n
   Params p{};
   const int types = fill_params(p, weight, table, k, n_out);
   if (types < 0) return cudaErrorInvalidValue;
+  // The dp4a kernel wherever mat_vec_q8_1 would run it, its CTAs normalizing x themselves.
+  DpStaging staging;
+  if (use_dp4a(types, static_cast<int>(batch), &staging)) {
+    err = rms_norm_mat_vec_q8_1_dp4a(x, x_type, norm_w, w_type, eps, weight, weight_bytes, table, k, batch, out,
+                                     n_out, staging, stream);
+    if (err != cudaErrorNotSupported) return err;
+  }
+  if (fused < 0) return cudaErrorNotSupported;  // the MMA kernel's in-CTA norm only when asked for
   p.x = nullptr;
   p.out = out;
   p.batch = static_cast<int32_t>(batch);
-  p.norm_x = x;
-  p.norm_w = norm_w;
-  p.eps = eps;
-  p.norm_types = 3 * static_cast<int32_t>(x_type) + static_cast<int32_t>(w_type);
-  p.norm_vec = ((reinterpret_cast<uintptr_t>(x) & 15u) == 0 ? 1 : 0) |
-               ((reinterpret_cast<uintptr_t>(norm_w) & 15u) == 0 ? 2 : 0);
-  p.norm_nthreads = norm_threads(k / kQK);
+  p.norm = make_norm_args(x, x_type, norm_w, w_type, eps);
   return launch_any(p, types, device, stream);
 }
 

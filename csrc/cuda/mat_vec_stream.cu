@@ -24,8 +24,8 @@
 //     `slots` ahead once every warp has finished with it (a CTA barrier per chunk);
 //   * the bytes past the last whole 16-byte granule of the weight buffer, if a chunk needs them, are
 //     copied by one thread (a bulk copy would read past the buffer);
-//   * weights are read only before the PDL wait; x, the norm weight and the output after it (the
-//     contract in common.cuh).
+//   * weights are read before the PDL wait; x, the norm weight and the output after it (the norm
+//     weight is only prefetched into L2 before it; the contract in common.cuh).
 // Results: per row the lanes take the same units in the same order as the dp4a kernel, so both
 // kernels produce the same bits.
 #include <algorithm>
@@ -58,18 +58,6 @@ struct StreamSeg {
   int32_t pad;
 };
 
-// The fused norm's arguments: passed by value to the out-of-line norm (a reference to the kernel's
-// parameters would make the compiler copy all of them to local memory).
-struct NormArgs {
-  const void* x;     // [batch, K] of the norm's x type
-  const void* w;     // [K]
-  float eps;
-  int32_t types;     // 3 * x_type + w_type (FloatType values)
-  int32_t vec;       // bit 0: x may use 16-byte loads; bit 1: w may
-  int32_t nthreads;  // norm_threads(K / 32): the standalone norm kernel's reduction order
-  int32_t x_blocks;  // K / 32
-};
-
 struct StreamParams {
   StreamSeg seg[kMaxSegments];
   const uint8_t* weight;
@@ -84,8 +72,7 @@ struct StreamParams {
   int32_t n_out;
   int32_t slots;         // 2..kStreamMaxSlots
   int32_t slot_bytes;    // a multiple of 16
-  int32_t x_offset;      // shared-memory offsets of the staged activations and the norm's scratch
-  int32_t red_offset;
+  int32_t x_offset;      // shared-memory offset of the staged activations
 };
 
 // ---- mbarrier + bulk copy (sm_90) ----
@@ -185,34 +172,6 @@ __device__ __forceinline__ void issue_chunk(const StreamParams& p, const Chunk& 
 }
 
 // ---- activations ----
-// The fused norm (norm.cuh's cta_norm_q8_1): the standalone norm kernel's Q8_1 bytes of the batch
-// rows, computed by this CTA and placed as dp4a::stage_x places copied ones.
-template <int kCols, typename T, typename W>
-__device__ __forceinline__ void stage_norm_typed(const NormArgs& n, uint32_t* sx, float* red) {
-  const int nb = n.x_blocks, nblk = kCols * nb;
-  cta_norm_q8_1(static_cast<const T*>(n.x), static_cast<const W*>(n.w), kCols, nb, n.nthreads, n.eps,
-                (n.vec & 1) != 0, (n.vec & 2) != 0, red, [&](int b, int64_t blk, const uint32_t (&q)[9]) {
-                  dp4a::put_x_block(q, nblk, b * nb + static_cast<int>(blk), sx);
-                });
-}
-
-template <int kCols>
-__device__ __noinline__ void stage_norm(const NormArgs n, uint32_t* sx, float* red) {
-  // Out of line: it runs once per CTA, and nine inlined instantiations would crowd the main loop.
-  grid_dependency_wait();
-  switch (n.types) {
-    case 0: return stage_norm_typed<kCols, float, float>(n, sx, red);
-    case 1: return stage_norm_typed<kCols, float, Half>(n, sx, red);
-    case 2: return stage_norm_typed<kCols, float, Bf16>(n, sx, red);
-    case 3: return stage_norm_typed<kCols, Half, float>(n, sx, red);
-    case 4: return stage_norm_typed<kCols, Half, Half>(n, sx, red);
-    case 5: return stage_norm_typed<kCols, Half, Bf16>(n, sx, red);
-    case 6: return stage_norm_typed<kCols, Bf16, float>(n, sx, red);
-    case 7: return stage_norm_typed<kCols, Bf16, Half>(n, sx, red);
-    default: return stage_norm_typed<kCols, Bf16, Bf16>(n, sx, red);
-  }
-}
-
 // ---- the kernel ----
 // The rows of one chunk (in shared memory from `base`, row_bytes apart): warp w takes rows w, w + kWarps, ...
 template <int kCols, int32_t kType, int kWarps>
@@ -234,7 +193,7 @@ __device__ __noinline__ void chunk_rows(const uint8_t* base, int64_t row_bytes, 
 }
 
 // Shared memory: [slots mbarriers (8 bytes each, 64 reserved)][slots x slot_bytes][x: batch x K/32 x
-// 40 bytes][norm scratch].
+// 40 bytes].
 template <int kCols, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32, 2) mat_vec_stream_kernel(const StreamParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
@@ -267,7 +226,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mat_vec_stream_kernel(const St
   if (p.x != nullptr) {
     dp4a::stage_x(p.x, kCols * p.x_blocks, sx);
   } else {
-    stage_norm<kCols>(p.norm, sx, reinterpret_cast<float*>(smem + p.red_offset));
+    dp4a::stage_norm_x(p.norm, kCols, p.x_blocks, sx);
   }
 
   int32_t row = r_begin;
@@ -318,9 +277,7 @@ cudaError_t launch_stream(StreamParams& p, int64_t max_row_bytes, int device, cu
   // Half an SM's shared memory (less the 1 KB the hardware reserves per CTA): two layers' CTAs fit.
   const int64_t budget = std::min<int64_t>(optin, per_sm / 2 - 1024);
   const int64_t x_bytes = (static_cast<int64_t>(kCols) * p.x_blocks * (kQ8Bytes + 4) + 15) & ~int64_t{15};
-  const int64_t red_bytes =
-      p.x == nullptr ? (static_cast<int64_t>(kCols) * p.norm.nthreads + kCols * 8 + kCols) * 4 : 0;
-  const int64_t ring = budget - 64 - x_bytes - red_bytes;
+  const int64_t ring = budget - 64 - x_bytes;
   // A slot holds a row per warp when it can (then every chunk keeps every warp busy).
   const int64_t want = ((kWarps * max_row_bytes + kSlotSlack) + 15) & ~int64_t{15};
   int64_t slot = 0;
@@ -342,8 +299,7 @@ cudaError_t launch_stream(StreamParams& p, int64_t max_row_bytes, int device, cu
     sd.chunk_rows = static_cast<int32_t>(std::min<int64_t>(fit, sd.rows));
   }
   p.x_offset = static_cast<int32_t>(64 + slot * slots);
-  p.red_offset = static_cast<int32_t>(p.x_offset + x_bytes);
-  const size_t smem = static_cast<size_t>(p.red_offset + red_bytes);
+  const size_t smem = static_cast<size_t>(p.x_offset + x_bytes);
   const int grid = static_cast<int>(std::min<int64_t>(sms, std::max<int64_t>(1, p.total_rows / kWarps)));
   auto* kernel = mat_vec_stream_kernel<kCols, kWarps>;
   static int smem_set[64] = {};  // per device: the dynamic shared memory limit raised so far
@@ -417,7 +373,7 @@ cudaError_t launch_any_cols(StreamParams& p, int64_t batch, int64_t max_rb, cuda
   return launch_cols<kStreamWarps>(p, batch, max_rb, device, stream);
 }
 
-// Both entry points: x_q8 (Q8_1 rows) or, when it is null, `norm` (x_blocks filled in here).
+// Both entry points: x_q8 (Q8_1 rows) or, when it is null, `norm`.
 cudaError_t run_stream(const uint8_t* weight, int64_t weight_bytes, const SegmentTable& table, int64_t k,
                        const uint8_t* x_q8, NormArgs norm, int64_t batch, float* out, int64_t n_out,
                        cudaStream_t stream) {
@@ -429,7 +385,6 @@ cudaError_t run_stream(const uint8_t* weight, int64_t weight_bytes, const Segmen
   p.x = x_q8;
   p.out = out;
   p.norm = norm;
-  p.norm.x_blocks = p.x_blocks;
   return launch_any_cols(p, batch, max_rb, stream);
 }
 
@@ -445,13 +400,7 @@ cudaError_t rms_norm_mat_vec_q8_1_stream(const void* x, FloatType x_type, const 
                                          float eps, const uint8_t* weight, int64_t weight_bytes,
                                          const SegmentTable& table, int64_t k, int64_t batch, float* out,
                                          int64_t n_out, cudaStream_t stream) {
-  NormArgs n{};
-  n.x = x;
-  n.w = norm_w;
-  n.eps = eps;
-  n.types = 3 * static_cast<int32_t>(x_type) + static_cast<int32_t>(w_type);
-  n.vec = ((reinterpret_cast<uintptr_t>(x) & 15u) == 0 ? 1 : 0) | ((reinterpret_cast<uintptr_t>(norm_w) & 15u) == 0 ? 2 : 0);
-  n.nthreads = norm_threads(k / kQK);
+  const NormArgs n = make_norm_args(x, x_type, norm_w, w_type, eps);
   return run_stream(weight, weight_bytes, table, k, nullptr, n, batch, out, n_out, stream);
 }
 

@@ -1,7 +1,17 @@
-// The RMSNorm -> Q8_1 arithmetic shared by the standalone norm kernel (q8_1.cu) and the norm that the
-// fused norm + mat-vec kernel runs in every CTA (mat_vec.cu). Both evaluate the sum of squares in the
-// same order (thread i of T sums blocks i, i + T, ... sequentially; a butterfly over each warp; the
-// warps in order), so they produce the same scale and the same Q8_1 bytes.
+// The RMSNorm -> Q8_1 arithmetic shared by the standalone norm kernel (q8_1.cu) and the norm that a
+// mat-vec CTA runs for itself (the dp4a kernel's default fused path, the MMA kernel with
+// GGFUSE_FUSED_NORM=1, the streaming kernel). One row is normalized by a group of 256 threads (8
+// warps) in one fixed order wherever it runs, so every path produces the same Q8_1 bytes:
+//   * thread t owns the "quads" (4 consecutive values) t, t + 256, t + 512, ... ("rounds"); 8 adjacent
+//     lanes hold one Q8_1 block, so a block's max, sum and 32 divisions are spread over 8 lanes
+//     (the previous layout, one thread per block, put 32 serial IEEE divisions on every CTA's
+//     critical path);
+//   * the sum of squares: each thread's rounds in order, a butterfly over the warp, the 8 warps in
+//     order; the block sum s: each lane's 4 values in order, then a butterfly over the 8 lanes;
+//   * the first kNormRegRounds rounds of x and w stay in registers between the two passes (all of
+//     them up to K = 4096), later rounds are read again.
+// The CPU sums sequentially, so its scale and s can differ in the last bit (tests allow ±1 quant at a
+// rounding tie and one fp16 step of d and s); quantize_q8_1 (no norm) keeps the CPU's exact order.
 //
 // Every float step that nvcc would contract or approximate is written with an IEEE intrinsic
 // (__fmul_rn, __fadd_rn, __fdiv_rn, __fsqrt_rn), matching the CPU build (-ffp-contract=off).
@@ -12,17 +22,10 @@
 
 #include "common.cuh"
 #include "ggfuse/formats.h"
+#include "ggfuse/kernels_cpu.h"  // FloatType
 
 namespace ggfuse {
 namespace cuda {
-
-constexpr int kNormMaxThreads = 256;  // 32 floats per thread stay in registers (no spills)
-
-// Threads that reduce one row of nb blocks: one per block, up to 256, a whole number of warps.
-__host__ __device__ inline int norm_threads(int64_t nb) {
-  const int64_t t = (nb + 31) / 32 * 32;
-  return static_cast<int>(t < kNormMaxThreads ? t : kNormMaxThreads);
-}
 
 __device__ __forceinline__ float load_one(const float* p) { return *p; }
 __device__ __forceinline__ float load_one(const Half* p) { return h2f(p->bits); }
@@ -97,19 +100,6 @@ __device__ __forceinline__ void quantize_block(const float v[kQK], uint8_t* out)
   for (int i = 0; i < 1 + kQK / 4; ++i) o[i] = words[i];
 }
 
-// Thread i of `nthreads`: its share of the row's sum of squares (blocks i, i + nthreads, ...).
-template <typename T>
-__device__ __forceinline__ float row_sum_sq_part(const T* xr, int64_t nb, int i, int nthreads, bool vec) {
-  float v[kQK];
-  float sum_sq = 0.0f;
-  for (int64_t b = i; b < nb; b += nthreads) {
-    load_block(xr + b * kQK, vec, v);
-#pragma unroll
-    for (int j = 0; j < kQK; ++j) sum_sq = __fadd_rn(sum_sq, __fmul_rn(v[j], v[j]));
-  }
-  return sum_sq;
-}
-
 // The butterfly over a warp (every lane gets the same total).
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -122,64 +112,224 @@ __device__ __forceinline__ float rms_scale(float total, int64_t k, float eps) {
   return __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, static_cast<float>(k)), eps)));
 }
 
-// Block b of a row: y = (x * scale) * w in fp32, optionally stored in x's type, then Q8_1 of y.
-template <typename T, typename W>
-__device__ __forceinline__ void norm_quantize_block(const T* xr, const W* w, int64_t b, float scale,
-                                                    bool vec_x, bool vec_w, uint8_t* out_block,
-                                                    T* y_row) {
-  float v[kQK], wv[kQK];
-  load_block(xr + b * kQK, vec_x, v);
-  load_block(w + b * kQK, vec_w, wv);
-#pragma unroll
-  for (int i = 0; i < kQK; ++i) v[i] = __fmul_rn(__fmul_rn(v[i], scale), wv[i]);
-  if (y_row != nullptr) {
-#pragma unroll
-    for (int i = 0; i < kQK; ++i) store_one(v[i], y_row + b * kQK + i);
-  }
-  quantize_block(v, out_block);
+constexpr int kNormThreads = 256;   // one row's group: 8 warps
+constexpr int kNormWarps = kNormThreads / 32;
+constexpr int kNormRegRounds = 4;   // rounds of x and w held in registers: 32 floats per thread
+constexpr int kNormMaxGroups = 4;   // a CTA of up to 1024 threads normalizes up to 4 rows at once
+
+// The arguments of a fused norm, as a mat-vec kernel receives them (by value in its parameters).
+struct NormArgs {
+  const void* x;   // [batch, K] of x_type, rows contiguous
+  const void* w;   // [K] of w_type
+  float eps;
+  int32_t types;   // 3 * x_type + w_type (FloatType values)
+  int32_t vec;     // bit 0: x may use vector loads (16-byte aligned); bit 1: w may
+  int32_t prefetch;  // prefetch w into L2 before the PDL wait (GGFUSE_NORM_PREFETCH=0: not)
+};
+// GGFUSE_NORM_PREFETCH=0 turns the norm weight's L2 prefetch off (an experiment knob), read once.
+inline bool norm_prefetch_enabled() {
+  static const bool on = env_int("GGFUSE_NORM_PREFETCH", 1) != 0;
+  return on;
+}
+inline NormArgs make_norm_args(const void* x, FloatType x_type, const void* w, FloatType w_type, float eps) {
+  NormArgs n{};
+  n.x = x;
+  n.w = w;
+  n.eps = eps;
+  n.types = 3 * static_cast<int32_t>(x_type) + static_cast<int32_t>(w_type);
+  n.vec = ((reinterpret_cast<uintptr_t>(x) & 15u) == 0 ? 1 : 0) | ((reinterpret_cast<uintptr_t>(w) & 15u) == 0 ? 2 : 0);
+  n.prefetch = norm_prefetch_enabled() ? 1 : 0;
+  return n;
 }
 
-// The norm a mat-vec CTA runs for itself (mat_vec.cu with GGFUSE_FUSED_NORM=1, mat_vec_stream.cu):
-// rms_norm_mul_q8_1 of `batch` rows of x [batch, nb * 32], every block's 9 Q8_1 words handed to
-// place(row, block, words). The standalone kernel's thread i of nt (norm_threads(nb)) becomes virtual
-// thread (row, i), each of its warps' butterflies a virtual warp, so the sums of squares are added in
-// the same order and the bytes are the same. `red`: batch * (nt + 9) floats of shared scratch. Ends
-// with a CTA barrier.
+// Four consecutive values as floats (one 16- or 8-byte load when `vec`).
+template <typename T>
+__device__ __forceinline__ void load_quad(const T* p, bool vec, float v[4]) {
+  if (vec) {
+    if constexpr (sizeof(T) == 4) {
+      const float4 f = *reinterpret_cast<const float4*>(p);
+      v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+    } else {
+      const uint2 u = *reinterpret_cast<const uint2*>(p);
+      T h[4];
+      h[0].bits = static_cast<uint16_t>(u.x & 0xffffu);
+      h[1].bits = static_cast<uint16_t>(u.x >> 16);
+      h[2].bits = static_cast<uint16_t>(u.y & 0xffffu);
+      h[3].bits = static_cast<uint16_t>(u.y >> 16);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[i] = load_one(&h[i]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = load_one(p + i);
+  }
+}
+
+// Pulls the norm weight's lines into L2 ahead of the PDL wait (a prefetch cannot return stale data:
+// the loads that use it come after the wait). Thread t of a group touches its own quads' lines.
+template <typename W>
+__device__ __forceinline__ void prefetch_norm_weight(const W* w, int64_t k, int t) {
+  for (int64_t q = t; 4 * q < k; q += kNormThreads) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(w + 4 * q));
+  }
+}
+
+// Barrier over the group of 256 threads that normalizes one row (id 0: the whole CTA is one group).
+__device__ __forceinline__ void norm_group_sync(int group, int groups) {
+  if (groups == 1) {
+    __syncthreads();
+  } else {
+    asm volatile("bar.sync %0, %1;" ::"r"(1 + group), "n"(kNormThreads) : "memory");
+  }
+}
+
+// Q8_1 of 4 values held by lane j (= lane % 8) of the 8 lanes of one block: the block's words go to
+// place(j, word j + 1 of the block, word 0 (d | s << 16), half sums of quants (lo: quants 0..15,
+// hi: 16..31, dp4a_units.cuh's layout)). Every lane of the warp calls it (shuffles).
+template <typename Place>
+__device__ __forceinline__ void quantize_quad(const float v[4], Place place) {
+  float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+  float sum = __fadd_rn(__fadd_rn(__fadd_rn(v[0], v[1]), v[2]), v[3]);
+#pragma unroll
+  for (int off = 1; off < 8; off <<= 1) {  // a butterfly: all 8 lanes get the same bits
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    sum = __fadd_rn(sum, __shfl_xor_sync(0xffffffffu, sum, off));
+  }
+  const float d = __fdiv_rn(amax, 127.0f);
+  uint32_t word = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int q = amax == 0.0f ? 0 : static_cast<int>(roundf(__fdiv_rn(v[i], d)));
+    word |= (static_cast<uint32_t>(q) & 0xffu) << (8 * i);
+  }
+  const uint32_t ds = static_cast<uint32_t>(__half_as_ushort(__float2half_rn(d))) |
+                      (static_cast<uint32_t>(__half_as_ushort(__float2half_rn(sum))) << 16);
+  // Σq over lanes 0..3 (quants 0..15) and 4..7 (16..31): exact integer sums.
+  int s = __dp4a(static_cast<int>(word), 0x01010101, 0);
+  s += __shfl_xor_sync(0xffffffffu, s, 1);
+  s += __shfl_xor_sync(0xffffffffu, s, 2);
+  const int other = __shfl_xor_sync(0xffffffffu, s, 4);
+  const int j = threadIdx.x & 7;
+  const int lo = j < 4 ? s : other, hi = j < 4 ? other : s;
+  place(j, word, ds, (static_cast<uint32_t>(lo) & 0xffffu) | (static_cast<uint32_t>(hi) << 16));
+}
+
+// One row: y = x * rsqrt(mean(x^2) + eps) * w in fp32, Q8_1 of y; thread t (0..255) of its group.
+// place(block, j, word, ds, sq) receives the row's block `block` from its lane j (quantize_quad);
+// y_row (optional) receives y in x's type. `wsum`: kNormWarps floats of shared memory for this group.
+// The caller has done the PDL wait. Ends with a group barrier (wsum and the placed bytes are free /
+// visible to the group afterwards).
 template <typename T, typename W, typename Place>
-__device__ __forceinline__ void cta_norm_q8_1(const T* x, const W* w, int batch, int64_t nb, int nt, float eps,
-                                              bool vx, bool vw, float* red, Place place) {
-  const int64_t k = nb * kQK;
-  const int wpr = nt / 32, threads = blockDim.x, warps = threads >> 5;
-  float* parts = red;                   // [batch][nt]
-  float* wsums = red + batch * nt;      // [batch][8]
-  float* scales = wsums + batch * 8;    // [batch]
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int v = threadIdx.x; v < batch * nt; v += threads) {
-    const int b = v / nt;
-    parts[v] = row_sum_sq_part(x + b * k, nb, v - b * nt, nt, vx);
+__device__ __forceinline__ void norm_row_q8_1(const T* xr, const W* w, int64_t k, float eps, bool vx, bool vw,
+                                              int t, int group, int groups, float* wsum, Place place,
+                                              T* y_row) {
+  const int64_t nq = k / 4;
+  const int rounds = static_cast<int>((nq + kNormThreads - 1) / kNormThreads);
+  float xv[kNormRegRounds][4], wv[kNormRegRounds][4];
+  float sum_sq = 0.0f;
+#pragma unroll
+  for (int r = 0; r < kNormRegRounds; ++r) {  // x and w of the held rounds: all loads in flight at once
+    const int64_t q = static_cast<int64_t>(r) * kNormThreads + t;
+    if (q < nq) {
+      load_quad(xr + 4 * q, vx, xv[r]);
+      load_quad(w + 4 * q, vw, wv[r]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) xv[r][i] = wv[r][i] = 0.0f;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kNormRegRounds; ++r) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) sum_sq = __fadd_rn(sum_sq, __fmul_rn(xv[r][i], xv[r][i]));  // +0 for padding
+  }
+#pragma unroll 1
+  for (int r = kNormRegRounds; r < rounds; ++r) {
+    const int64_t q = static_cast<int64_t>(r) * kNormThreads + t;
+    if (q < nq) {
+      float v[4];
+      load_quad(xr + 4 * q, vx, v);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) sum_sq = __fadd_rn(sum_sq, __fmul_rn(v[i], v[i]));
+    }
+  }
+  sum_sq = warp_sum(sum_sq);
+  if ((t & 31) == 0) wsum[t >> 5] = sum_sq;
+  norm_group_sync(group, groups);
+  float total = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kNormWarps; ++i) total = __fadd_rn(total, wsum[i]);  // in order
+  const float scale = rms_scale(total, k, eps);
+
+  auto finish = [&](int64_t q, float v[4], const float wq[4]) {  // every lane of the warp (shuffles)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = __fmul_rn(__fmul_rn(v[i], scale), wq[i]);
+    const bool valid = q < nq;
+    if (valid && y_row != nullptr) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) store_one(v[i], y_row + 4 * q + i);
+    }
+    quantize_quad(v, [&](int j, uint32_t word, uint32_t ds, uint32_t sq) {
+      if (valid) place(q / 8, j, word, ds, sq);
+    });
+  };
+#pragma unroll
+  for (int r = 0; r < kNormRegRounds; ++r) {
+    if (r < rounds) finish(static_cast<int64_t>(r) * kNormThreads + t, xv[r], wv[r]);
+  }
+#pragma unroll 1
+  for (int r = kNormRegRounds; r < rounds; ++r) {
+    const int64_t q = static_cast<int64_t>(r) * kNormThreads + t;
+    float v[4] = {0.0f, 0.0f, 0.0f, 0.0f}, wq[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (q < nq) {
+      load_quad(xr + 4 * q, vx, v);
+      load_quad(w + 4 * q, vw, wq);
+    }
+    finish(q, v, wq);
+  }
+  norm_group_sync(group, groups);
+}
+
+// The norm a mat-vec CTA runs for itself: rms_norm_mul_q8_1 of `batch` rows of n.x [batch, k], the
+// standalone kernel's bytes. The CTA's threads (a multiple of 256) form groups of 256; group g takes
+// rows g, g + groups, ... place(row, block, j, word, ds, sq) as in norm_row_q8_1. Prefetches w into L2,
+// does the PDL wait, and ends with a CTA barrier.
+template <typename T, typename W, typename Place>
+__device__ __forceinline__ void cta_norm_q8_1_typed(const NormArgs& n, int batch, int64_t k, Place place) {
+  __shared__ float wsums[kNormMaxGroups][kNormWarps];
+  const int groups = min(static_cast<int>(blockDim.x) / kNormThreads, kNormMaxGroups);
+  const int group = threadIdx.x / kNormThreads, t = threadIdx.x % kNormThreads;
+  const T* x = static_cast<const T*>(n.x);
+  const W* w = static_cast<const W*>(n.w);
+  if (group < groups && n.prefetch) prefetch_norm_weight(w, k, t);
+  grid_dependency_wait();
+  if (group < groups) {
+    for (int b = group; b < batch; b += groups) {
+      norm_row_q8_1(x + b * k, w, k, n.eps, (n.vec & 1) != 0, (n.vec & 2) != 0, t, group, groups, wsums[group],
+                    [&](int64_t blk, int j, uint32_t word, uint32_t ds, uint32_t sq) {
+                      place(b, blk, j, word, ds, sq);
+                    },
+                    static_cast<T*>(nullptr));
+    }
   }
   __syncthreads();
-  for (int v = warp; v < batch * wpr; v += warps) {
-    const int b = v / wpr, ww = v - b * wpr;
-    const float s = warp_sum(parts[b * nt + ww * 32 + lane]);
-    if (lane == 0) wsums[b * 8 + ww] = s;
+}
+
+// The nine (x type, w type) instantiations behind one switch; callers wrap it in a __noinline__
+// function (it runs once per CTA, and inlining nine copies would crowd their main loops).
+template <typename Place>
+__device__ __forceinline__ void cta_norm_q8_1(const NormArgs& n, int batch, int64_t k, Place place) {
+  switch (n.types) {
+    case 0: return cta_norm_q8_1_typed<float, float>(n, batch, k, place);
+    case 1: return cta_norm_q8_1_typed<float, Half>(n, batch, k, place);
+    case 2: return cta_norm_q8_1_typed<float, Bf16>(n, batch, k, place);
+    case 3: return cta_norm_q8_1_typed<Half, float>(n, batch, k, place);
+    case 4: return cta_norm_q8_1_typed<Half, Half>(n, batch, k, place);
+    case 5: return cta_norm_q8_1_typed<Half, Bf16>(n, batch, k, place);
+    case 6: return cta_norm_q8_1_typed<Bf16, float>(n, batch, k, place);
+    case 7: return cta_norm_q8_1_typed<Bf16, Half>(n, batch, k, place);
+    default: return cta_norm_q8_1_typed<Bf16, Bf16>(n, batch, k, place);
   }
-  __syncthreads();
-  if (threadIdx.x < batch) {
-    float total = 0.0f;
-    for (int i = 0; i < wpr; ++i) total = __fadd_rn(total, wsums[threadIdx.x * 8 + i]);
-    scales[threadIdx.x] = rms_scale(total, k, eps);
-  }
-  __syncthreads();
-  for (int64_t v = threadIdx.x; v < batch * nb; v += threads) {
-    const int b = static_cast<int>(v / nb);
-    const int64_t blk = v - b * nb;
-    uint32_t q[9];
-    norm_quantize_block(x + b * k, w, blk, scales[b], vx, vw, reinterpret_cast<uint8_t*>(q),
-                        static_cast<T*>(nullptr));
-    place(b, blk, q);
-  }
-  __syncthreads();
 }
 
 }  // namespace cuda

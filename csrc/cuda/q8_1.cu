@@ -1,9 +1,10 @@
 // Q8_1 activation quantization and the fused RMSNorm -> Q8_1 pass on CUDA (SPEC §1, §3).
 //
-// One thread owns one Q8_1 block (32 values) and sums it sequentially, in the CPU reference's order,
-// so quantize_q8_1 produces the same bytes as the CPU, bit for bit. The norm's sum of squares is a
-// tree over the row here and a sequential loop on the CPU; the scale can differ in its last bit, so
-// rms_norm_mul_q8_1 agrees with the CPU up to rare ±1 flips of quants at rounding ties.
+// quantize_q8_1: one thread owns one Q8_1 block (32 values) and sums it sequentially, in the CPU
+// reference's order, so it produces the same bytes as the CPU, bit for bit. rms_norm_mul_q8_1: a
+// group of 256 threads per row (norm.cuh); its sums are trees where the CPU's are sequential, so the
+// scale and s can differ in their last bit and the quants agree with the CPU up to rare ±1 flips at
+// rounding ties.
 //
 // Every float step that nvcc would contract into an FMA or approximate is spelled with an explicit
 // IEEE intrinsic (__fmul_rn, __fadd_rn, __fdiv_rn, __fsqrt_rn), matching the CPU build, which compiles
@@ -33,29 +34,25 @@ __global__ void __launch_bounds__(kQuantThreads)
   quantize_block(v, out + blk * static_cast<int64_t>(sizeof(BlockQ8_1)));
 }
 
-// One thread block of norm_threads(K/32) threads per row (norm.cuh has the arithmetic and the order
-// of the sum of squares, shared with the fused norm + mat-vec kernel).
+// One thread block of 256 threads per row (norm.cuh has the arithmetic and the order of the sums,
+// shared with the norm that mat-vec CTAs run for themselves, so both write the same bytes).
 template <typename T, typename W>
-__global__ void __launch_bounds__(kNormMaxThreads)
+__global__ void __launch_bounds__(kNormThreads)
     rms_norm_q8_1_kernel(const T* __restrict__ x, const W* __restrict__ w, int64_t k, float eps,
-                         bool vec_x, bool vec_w, uint8_t* __restrict__ out, T* __restrict__ y) {
-  __shared__ float warp_sums[kNormMaxThreads / 32];
+                         bool vec_x, bool vec_w, bool prefetch_w, uint8_t* __restrict__ out, T* __restrict__ y) {
+  __shared__ float warp_sums[kNormWarps];
   allow_dependent_launch();  // see common.cuh: the dependent touches only weights before its wait
+  if (prefetch_w) prefetch_norm_weight(w, k, threadIdx.x);
   grid_dependency_wait();
   const int64_t row = blockIdx.x;
-  const int64_t nb = k / kQK;
-  const T* xr = x + row * k;
-  const float part = warp_sum(row_sum_sq_part(xr, nb, threadIdx.x, blockDim.x, vec_x));
-  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = part;
-  __syncthreads();
-  float total = 0.0f;
-  for (unsigned i = 0; i < blockDim.x / 32; ++i) total = __fadd_rn(total, warp_sums[i]);  // in order
-  const float scale = rms_scale(total, k, eps);
-  uint8_t* orow = out + row * nb * static_cast<int64_t>(sizeof(BlockQ8_1));
-  for (int64_t b = threadIdx.x; b < nb; b += blockDim.x) {
-    norm_quantize_block(xr, w, b, scale, vec_x, vec_w, orow + b * static_cast<int64_t>(sizeof(BlockQ8_1)),
-                        y != nullptr ? y + row * k : nullptr);
-  }
+  uint32_t* orow = reinterpret_cast<uint32_t*>(out + row * (k / kQK) * static_cast<int64_t>(sizeof(BlockQ8_1)));
+  norm_row_q8_1(x + row * k, w, k, eps, vec_x, vec_w, threadIdx.x, 0, 1, warp_sums,
+                [&](int64_t blk, int j, uint32_t word, uint32_t ds, uint32_t) {
+                  uint32_t* o = orow + 9 * blk;  // 36-byte blocks: word-aligned
+                  o[1 + j] = word;
+                  if (j == 0) o[0] = ds;
+                },
+                y != nullptr ? y + row * k : nullptr);
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
@@ -63,10 +60,9 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 template <typename T, typename W>
 cudaError_t launch_norm(const void* x, const void* w, int64_t rows, int64_t k, float eps,
                         uint8_t* out, void* y, cudaStream_t stream) {
-  const int threads = norm_threads(k / kQK);
-  return launch_kernel(rms_norm_q8_1_kernel<T, W>, dim3(static_cast<unsigned>(rows)), dim3(threads),
+  return launch_kernel(rms_norm_q8_1_kernel<T, W>, dim3(static_cast<unsigned>(rows)), dim3(kNormThreads),
                        0, stream, static_cast<const T*>(x), static_cast<const W*>(w), k, eps,
-                       aligned16(x), aligned16(w), out, static_cast<T*>(y));
+                       aligned16(x), aligned16(w), norm_prefetch_enabled(), out, static_cast<T*>(y));
 }
 
 template <typename T>
