@@ -119,9 +119,8 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # The kernels that are off by default go through the same tests: the streaming kernel (sm_90, with
   # and without its norm) for every batch chunk of <= 8 rows,
   cuda_variant_stage pytest-cuda-stream GGFUSE_MV_STREAM=8 "mat_vec or graph or compile"
-  # the MMA kernel with the norm inside, and no in-CTA norm at all (the norm kernel, then the mat-vec),
+  # the MMA kernel with the norm inside,
   cuda_variant_stage pytest-cuda-mma-fused-norm GGFUSE_FUSED_NORM=1 "rms_norm_mat_vec or graph or compile"
-  cuda_variant_stage pytest-cuda-two-kernels GGFUSE_FUSED_NORM=0 "rms_norm_mat_vec or graph or compile"
   # the dp4a kernel for every type and batch chunk (by default: Q4_K-only weights at B <= 2, weights
   # with a 2-byte aligned type at B <= 4, staged), with the default staging rule, never staged, and
   # always staged (where the rows fit).

@@ -727,9 +727,8 @@ int max_tiles_for(const Params& p, int grid) {
 // Tuning knobs for experiments (docs/PERFORMANCE.md has the measurements), read once:
 // GGFUSE_MV_STAGES (2..4; default 2), GGFUSE_MV_KGROUPS (1..16, a power of two; default chosen per
 // launch), GGFUSE_MV_PREFETCH=1 (bulk L2 prefetch of each CTA's weights; default off: it measured
-// 13% slower), GGFUSE_FUSED_NORM (rms_norm_mat_vec_q8_1: unset, the dp4a kernel's CTAs normalize x
-// themselves wherever that kernel runs, other launches run the norm kernel then the mat-vec; 0: always
-// the two kernels; 1: also this kernel's in-CTA norm, which measured slower than two kernels), GGFUSE_MV_DP4A (the largest
+// 13% slower), GGFUSE_FUSED_NORM=1 (rms_norm_mat_vec_q8_1 normalizes inside the mat-vec kernel;
+// default off: with PDL the separate norm kernel measured faster), GGFUSE_MV_DP4A (the largest
 // batch chunk that runs mat_vec_dp4a.cu's kernel for every type; 0: never; unset: the measured rule
 // above kDp4aAutoMaxBatch), GGFUSE_MV_STAGED (0/1: the dp4a kernel never / always stages its rows in
 // shared memory; unset: the measured rule above).
@@ -737,7 +736,7 @@ struct Overrides {
   int stages = env_int("GGFUSE_MV_STAGES", 2);
   int k_groups = env_int("GGFUSE_MV_KGROUPS", 0);
   bool prefetch = env_int("GGFUSE_MV_PREFETCH", 0) != 0;
-  int fused_norm = env_int("GGFUSE_FUSED_NORM", -1);  // -1: the dp4a kernel's (the measured rule)
+  bool fused_norm = env_int("GGFUSE_FUSED_NORM", 0) != 0;
   int dp4a_forced = env_int("GGFUSE_MV_DP4A", -1);  // -1: the measured rule
   int staged_forced = env_int("GGFUSE_MV_STAGED", -1);  // -1: the measured rule
 };
@@ -762,7 +761,9 @@ template <int kCols, int kMask>
 cudaError_t launch_cols(Params& p, int device, cudaStream_t stream) {
   const Overrides& ov = overrides();
   const int sms = std::max(1, device_attribute(device, cudaDevAttrMultiProcessorCount));
-  const int smem_optin = device_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  // The dynamic share's limit: the opt-in maximum less the norm's static scratch (fused norm only).
+  const int smem_optin = device_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin) -
+                         (p.norm.x != nullptr ? kNormScratchBytes : 0);
   const int l2 = device_attribute(device, cudaDevAttrL2CacheSize);
   int grid = std::min({sms, p.total_tiles, kMaxGrid});
   size_t smem = 0;
@@ -783,7 +784,7 @@ cudaError_t launch_cols(Params& p, int device, cudaStream_t stream) {
     const size_t before_act = static_cast<size_t>(p.max_tiles) * sizeof(TileInfo) +
                               static_cast<size_t>(p.max_tiles) * p.k_groups * 32 * 16 +
                               static_cast<size_t>(kWarps) * kScratchFloats * sizeof(float);
-    // Fused norm: the Q8_1 rows and the norm's reduction scratch follow the scratch.
+    // Fused norm: the CTA's Q8_1 rows follow the scratch.
     size_t norm_bytes = 0;
     if (p.norm.x != nullptr) norm_bytes = (static_cast<size_t>(p.batch) * p.x_row_bytes + 15) & ~size_t{15};
     const size_t fixed = before_act + norm_bytes;
@@ -911,8 +912,7 @@ cudaError_t rms_norm_mat_vec_q8_1(const void* x, FloatType x_type, const void* n
   const cudaError_t stream_err = rms_norm_mat_vec_q8_1_stream(x, x_type, norm_w, w_type, eps, weight, weight_bytes,
                                                               table, k, batch, out, n_out, stream);
   if (stream_err != cudaErrorNotSupported) return stream_err;
-  const int fused = overrides().fused_norm;
-  if (batch > kMaxCols || fused == 0) return cudaErrorNotSupported;
+  if (batch > kMaxCols || !overrides().fused_norm) return cudaErrorNotSupported;
   if (!valid_args(table, k)) return cudaErrorInvalidValue;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -920,14 +920,6 @@ cudaError_t rms_norm_mat_vec_q8_1(const void* x, FloatType x_type, const void* n
   Params p{};
   const int types = fill_params(p, weight, table, k, n_out);
   if (types < 0) return cudaErrorInvalidValue;
-  // The dp4a kernel wherever mat_vec_q8_1 would run it, its CTAs normalizing x themselves.
-  DpStaging staging;
-  if (use_dp4a(types, static_cast<int>(batch), &staging)) {
-    err = rms_norm_mat_vec_q8_1_dp4a(x, x_type, norm_w, w_type, eps, weight, weight_bytes, table, k, batch, out,
-                                     n_out, staging, stream);
-    if (err != cudaErrorNotSupported) return err;
-  }
-  if (fused < 0) return cudaErrorNotSupported;  // the MMA kernel's in-CTA norm only when asked for
   p.x = nullptr;
   p.out = out;
   p.batch = static_cast<int32_t>(batch);

@@ -61,8 +61,7 @@ struct DpParams {
   DpSeg seg[kMaxSegments];
   const uint8_t* weight;
   int64_t weight_bytes;
-  const uint8_t* x;  // Q8_1 rows, or null: the CTA normalizes norm.x itself (rms_norm_mat_vec_q8_1)
-  NormArgs norm;
+  const uint8_t* x;
   float* out;
   int64_t x_row_bytes;
   int32_t n_seg;
@@ -72,7 +71,6 @@ struct DpParams {
   int32_t rows_per_warp;  // staged kernel: 1 or 2 (the slots per warp)
   int32_t slot_bytes;     // staged kernel: bytes per row slot (a multiple of 16)
   int32_t x_words;        // staged kernel: words of the x copy (a multiple of 4; the slots follow)
-  int32_t prefetch_rows;  // fused norm: rows read from global memory are prefetched into L2 first
 };
 
 constexpr int kDpRowsPerWarp = 2;  // rows a warp takes in turn: a CTA covers 16 rows
@@ -105,57 +103,18 @@ __device__ __forceinline__ void dp4a_row(const DpParams& p, const uint32_t* sx, 
   }
 }
 
-// The PDL wait and the CTA's shared copy of the activations: the caller's Q8_1 rows, or (kNorm, the
-// fused norm) this CTA's own RMSNorm -> Q8_1 of x, the bytes the standalone norm kernel writes. Ends
-// with a CTA barrier.
-template <int kCols, bool kNorm>
-__device__ __forceinline__ void stage_activations(const DpParams& p, uint32_t* sx) {
-  if constexpr (kNorm) {
-    dp4a::stage_norm_x(p.norm, kCols, p.x_blocks, sx);
-  } else {
-    dp4a::stage_x(p.x, kCols * p.x_blocks, sx);
-  }
-}
-
-// Asks L2 for the lines of one weight row (warp-wide; lanes take every 32nd 128-byte line). The
-// fused-norm kernels do this before the out-of-line norm instead of loading a unit into registers:
-// values live across that call would take registers from the row loop (126 instead of 80), and the
-// row's bytes then stream from DRAM while the CTA normalizes x.
-__device__ __forceinline__ void prefetch_row_l2(const uint8_t* row, int64_t bytes, int lane) {
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(row), end = begin + static_cast<uintptr_t>(bytes);
-  for (uintptr_t a = (begin & ~uintptr_t{127}) + 128u * lane; a < end; a += 32u * 128u) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(a < begin ? begin : a));  // never before the row
-  }
-}
-__device__ __forceinline__ void prefetch_global_row(const DpParams& p, int grow, int lane) {
-  const DpSeg& sd = p.seg[segment_of(p, grow)];
-  prefetch_row_l2(p.weight + sd.byte_offset + static_cast<int64_t>(grow - sd.row_start) * sd.row_bytes,
-                  sd.row_bytes, lane);
-}
-
-// Launch bounds: the fused-norm variants (kNorm) are held to kDpMinCtasPerSm CTAs per SM (80
-// registers; left free, the out-of-line norm call took them to 94-100: 2 CTAs per SM); 0 leaves the
-// others to ptxas's default (71-80; an explicit 1 let them grow to 87-109).
-template <int kCols, bool kNorm>
-__global__ void __launch_bounds__(kDpThreads, kNorm ? kDpMinCtasPerSm : 0) mat_vec_dp4a_kernel(const DpParams p) {
+template <int kCols>
+__global__ void __launch_bounds__(kDpThreads) mat_vec_dp4a_kernel(const DpParams p) {
   extern __shared__ uint32_t sx[];
   allow_dependent_launch();
   const int lane = threadIdx.x & 31;
-  auto stage = [&] { stage_activations<kCols, kNorm>(p, sx); };
+  auto stage = [&] { dp4a::stage_x(p.x, kCols * p.x_blocks, sx); };
   const int row0 = blockIdx.x * kDpCtaRows + (threadIdx.x >> 5) * kDpRowsPerWarp;
   if (row0 >= p.total_rows) {  // no row here: only take part in the CTA's copy of x
     stage();
     return;
   }
-  if constexpr (kNorm) {
-    if (p.prefetch_rows) {
-      for (int j = 0; j < kDpRowsPerWarp && row0 + j < p.total_rows; ++j) prefetch_global_row(p, row0 + j, lane);
-    }
-    stage();
-    dp4a_row<kCols, false>(p, sx, row0, lane, stage);
-  } else {
-    dp4a_row<kCols, true>(p, sx, row0, lane, stage);  // its first unit is loaded before the wait
-  }
+  dp4a_row<kCols, true>(p, sx, row0, lane, stage);
 #pragma unroll 1
   for (int j = 1; j < kDpRowsPerWarp && row0 + j < p.total_rows; ++j) {
     dp4a_row<kCols, false>(p, sx, row0 + j, lane, stage);
@@ -203,8 +162,8 @@ __device__ __forceinline__ void staged_row(const DpParams& p, const uint32_t* sx
   }
 }
 
-template <int kCols, bool kNorm>
-__global__ void __launch_bounds__(kDpThreads, kNorm ? kDpMinCtasPerSm : 0) mat_vec_dp4a_staged_kernel(const DpParams p) {
+template <int kCols>
+__global__ void __launch_bounds__(kDpThreads) mat_vec_dp4a_staged_kernel(const DpParams p) {
   extern __shared__ __align__(16) uint32_t smem_words[];
   uint32_t* sx = smem_words;
   allow_dependent_launch();
@@ -222,29 +181,22 @@ __global__ void __launch_bounds__(kDpThreads, kNorm ? kDpMinCtasPerSm : 0) mat_v
     if (j < rows) {
       const DpSeg* sd;
       const int64_t off = staged_row_offset(p, row0 + j, &sd);
-      if (sd->staged) {
-        copy_row_to_slot(p, off, sd->row_bytes, slots + j * p.slot_bytes, lane);
-      } else if (kNorm && p.prefetch_rows) {
-        prefetch_row_l2(p.weight + off, sd->row_bytes, lane);
-      }
+      if (sd->staged) copy_row_to_slot(p, off, sd->row_bytes, slots + j * p.slot_bytes, lane);
       (j == 0 ? staged0 : staged1) = sd->staged != 0;
       cp_async_commit();
     }
   }
-  auto stage = [&] { stage_activations<kCols, kNorm>(p, sx); };  // the PDL wait, then x
+  auto stage = [&] { dp4a::stage_x(p.x, kCols * p.x_blocks, sx); };  // the PDL wait, then x
   // Straight-line calls, not a loop: with the six-type switch inside a loop the compiler kept every
   // type's registers live across the back edge (225 registers instead of 80).
   if (rows == 0) {
     stage();
     return;
   }
-  if (kNorm) stage();  // nothing held in registers across the out-of-line norm (see prefetch_row_l2)
   if (staged0) {
-    if (!kNorm) stage();
+    stage();
     if (rows == 2) cp_async_wait<1>(); else cp_async_wait<0>();
     staged_row<kCols>(p, sx, slots, row0, lane);
-  } else if (kNorm) {
-    dp4a_row<kCols, false>(p, sx, row0, lane, stage);
   } else {  // a row of an unstaged segment: its first unit is loaded before the wait, as in the
             // register kernel
     dp4a_row<kCols, true>(p, sx, row0, lane, stage);
@@ -277,7 +229,7 @@ cudaError_t allow_smem(Kernel kernel, size_t smem, int* set_per_device) {
 
 // The staged kernel when its slots fit at >= kDpMinCtasPerSm CTAs per SM (2 rows per warp, else 1);
 // cudaErrorNotSupported, having launched nothing, otherwise.
-template <int kCols, bool kNorm>
+template <int kCols>
 cudaError_t launch_dp4a_staged(DpParams p, cudaStream_t stream) {
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -298,39 +250,34 @@ cudaError_t launch_dp4a_staged(DpParams p, cudaStream_t stream) {
     if (smem > optin || (smem + reserved) * kDpMinCtasPerSm > per_sm) continue;
     p.rows_per_warp = rpw;
     static int smem_set[64] = {};
-    err = allow_smem(mat_vec_dp4a_staged_kernel<kCols, kNorm>, static_cast<size_t>(smem), smem_set);
+    err = allow_smem(mat_vec_dp4a_staged_kernel<kCols>, static_cast<size_t>(smem), smem_set);
     if (err != cudaSuccess) return err;
     const int cta_rows = kDpWarps * rpw;
     const int grid = (p.total_rows + cta_rows - 1) / cta_rows;
-    return launch_kernel(mat_vec_dp4a_staged_kernel<kCols, kNorm>, dim3(grid), dim3(kDpThreads),
+    return launch_kernel(mat_vec_dp4a_staged_kernel<kCols>, dim3(grid), dim3(kDpThreads),
                          static_cast<size_t>(smem), stream, p);
   }
   return cudaErrorNotSupported;
 }
 
-template <int kCols, bool kNorm>
-cudaError_t launch_dp4a_as(const DpParams& p, bool any_staged, cudaStream_t stream) {
+template <int kCols>
+cudaError_t launch_dp4a(const DpParams& p, bool any_staged, cudaStream_t stream) {
   // Staged or not at all: where the slots do not fit, the unstaged kernel measured slower than the
   // MMA kernel for the types that ask for staging (QKV 8192 Q4_0 at B=4: 39.7 against 30.3 us).
-  if (any_staged) return launch_dp4a_staged<kCols, kNorm>(p, stream);
+  if (any_staged) return launch_dp4a_staged<kCols>(p, stream);
   const int grid = (p.total_rows + kDpCtaRows - 1) / kDpCtaRows;
   const size_t smem = static_cast<size_t>(kCols) * p.x_blocks * (kQ8Bytes + 4);
   static int smem_set[64] = {};
-  const cudaError_t err = allow_smem(mat_vec_dp4a_kernel<kCols, kNorm>, smem, smem_set);
+  const cudaError_t err = allow_smem(mat_vec_dp4a_kernel<kCols>, smem, smem_set);
   if (err != cudaSuccess) return err;  // NotSupported: the caller runs the MMA kernel
-  return launch_kernel(mat_vec_dp4a_kernel<kCols, kNorm>, dim3(grid), dim3(kDpThreads), smem, stream, p);
+  return launch_kernel(mat_vec_dp4a_kernel<kCols>, dim3(grid), dim3(kDpThreads), smem, stream, p);
 }
 
-template <int kCols>
-cudaError_t launch_dp4a(const DpParams& p, bool any_staged, cudaStream_t stream) {
-  return p.x != nullptr ? launch_dp4a_as<kCols, false>(p, any_staged, stream)
-                        : launch_dp4a_as<kCols, true>(p, any_staged, stream);
-}
+}  // namespace
 
-// Both entry points: x_q8 (Q8_1 rows) or, when it is null, `norm`.
-cudaError_t run_dp4a(const uint8_t* weight, int64_t weight_bytes, const SegmentTable& table, int64_t k,
-                     const uint8_t* x_q8, const NormArgs& norm, int64_t batch, float* out, int64_t n_out,
-                     DpStaging staging, cudaStream_t stream) {
+cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, int64_t weight_bytes, const SegmentTable& table, int64_t k,
+                              const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out,
+                              DpStaging staging, cudaStream_t stream) {
   if (batch <= 0 || table.count <= 0) return cudaSuccess;
   if (batch > kDpMaxCols || table.count > kMaxSegments || k <= 0 || k % kQK != 0 ||
       k > (int64_t{1} << 30)) {
@@ -340,8 +287,6 @@ cudaError_t run_dp4a(const uint8_t* weight, int64_t weight_bytes, const SegmentT
   p.weight = weight;
   p.weight_bytes = weight_bytes;
   p.x = x_q8;
-  p.norm = norm;
-  p.prefetch_rows = env_int("GGFUSE_NORM_ROWS_L2", 1) != 0 ? 1 : 0;
   p.out = out;
   p.x_row_bytes = k / kQK * kQ8Bytes;
   p.x_blocks = static_cast<int32_t>(k / kQK);
@@ -378,24 +323,6 @@ cudaError_t run_dp4a(const uint8_t* weight, int64_t weight_bytes, const SegmentT
     case 7: return launch_dp4a<7>(p, staged, stream);
     default: return launch_dp4a<8>(p, staged, stream);
   }
-}
-
-}  // namespace
-
-cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, int64_t weight_bytes, const SegmentTable& table, int64_t k,
-                              const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out,
-                              DpStaging staging, cudaStream_t stream) {
-  if (x_q8 == nullptr && batch > 0) return cudaErrorInvalidValue;
-  return run_dp4a(weight, weight_bytes, table, k, x_q8, NormArgs{}, batch, out, n_out, staging, stream);
-}
-
-cudaError_t rms_norm_mat_vec_q8_1_dp4a(const void* x, FloatType x_type, const void* norm_w, FloatType w_type,
-                                       float eps, const uint8_t* weight, int64_t weight_bytes,
-                                       const SegmentTable& table, int64_t k, int64_t batch, float* out,
-                                       int64_t n_out, DpStaging staging, cudaStream_t stream) {
-  if ((x == nullptr || norm_w == nullptr) && batch > 0) return cudaErrorInvalidValue;
-  return run_dp4a(weight, weight_bytes, table, k, nullptr, make_norm_args(x, x_type, norm_w, w_type, eps), batch,
-                  out, n_out, staging, stream);
 }
 
 }  // namespace cuda

@@ -277,7 +277,7 @@ cudaError_t launch_stream(StreamParams& p, int64_t max_row_bytes, int device, cu
   // Half an SM's shared memory (less the 1 KB the hardware reserves per CTA): two layers' CTAs fit.
   const int64_t budget = std::min<int64_t>(optin, per_sm / 2 - 1024);
   const int64_t x_bytes = (static_cast<int64_t>(kCols) * p.x_blocks * (kQ8Bytes + 4) + 15) & ~int64_t{15};
-  const int64_t ring = budget - 64 - x_bytes;
+  const int64_t ring = budget - 64 - x_bytes - (p.x == nullptr ? kNormScratchBytes : 0);  // + the norm's static scratch
   // A slot holds a row per warp when it can (then every chunk keeps every warp busy).
   const int64_t want = ((kWarps * max_row_bytes + kSlotSlack) + 15) & ~int64_t{15};
   int64_t slot = 0;

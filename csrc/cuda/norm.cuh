@@ -7,11 +7,11 @@
 //     (the previous layout, one thread per block, put 32 serial IEEE divisions on every CTA's
 //     critical path);
 //   * the sum of squares: each thread's rounds in order, a butterfly over the warp, the 8 warps in
-//     order; the block sum s: each lane's 4 values in order, then a butterfly over the 8 lanes;
+//     order; the block sum s: formats.h's q8_1_block_sum order (each lane's 4 values, then a
+//     butterfly over the 8 lanes);
 //   * the first kNormRegRounds rounds of x and w stay in registers between the two passes (all of
 //     them up to K = 4096), later rounds are read again.
-// The CPU sums sequentially, so its scale and s can differ in the last bit (tests allow ±1 quant at a
-// rounding tie and one fp16 step of d and s); quantize_q8_1 (no norm) keeps the CPU's exact order.
+// cpu/q8_1.cpp sums in the same orders, so the CPU writes the same bytes.
 //
 // Every float step that nvcc would contract or approximate is written with an IEEE intrinsic
 // (__fmul_rn, __fadd_rn, __fdiv_rn, __fsqrt_rn), matching the CPU build (-ffp-contract=off).
@@ -70,17 +70,14 @@ __device__ __forceinline__ void store_one(float v, Bf16* p) {
   p->bits = __bfloat16_as_ushort(__float2bfloat16_rn(v));
 }
 
-// Q8_1 of 32 floats, exactly as cpu/q8_1.cpp's quantize_block_q8_1: sequential fmax/sum, fp32
+// Q8_1 of 32 floats, exactly as cpu/q8_1.cpp's quantize_block_q8_1: fmax, q8_1_block_sum, fp32
 // d = amax/127 with an IEEE division, q = roundf(v/d) (half away from zero), d and s rounded to fp16.
 // `out` is 4-byte aligned (a Q8_1 row of ours, in global or shared memory).
 __device__ __forceinline__ void quantize_block(const float v[kQK], uint8_t* out) {
   float amax = 0.0f;
-  float sum = 0.0f;
 #pragma unroll
-  for (int i = 0; i < kQK; ++i) {
-    amax = fmaxf(amax, fabsf(v[i]));
-    sum = __fadd_rn(sum, v[i]);
-  }
+  for (int i = 0; i < kQK; ++i) amax = fmaxf(amax, fabsf(v[i]));
+  const float sum = q8_1_block_sum(v);  // formats.h: the order every kernel uses
   const float d = __fdiv_rn(amax, 127.0f);
   uint32_t words[2 + kQK / 4];
   words[0] = static_cast<uint32_t>(__half_as_ushort(__float2half_rn(d))) |
@@ -189,7 +186,7 @@ __device__ __forceinline__ void norm_group_sync(int group, int groups) {
 template <typename Place>
 __device__ __forceinline__ void quantize_quad(const float v[4], Place place) {
   float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
-  float sum = __fadd_rn(__fadd_rn(__fadd_rn(v[0], v[1]), v[2]), v[3]);
+  float sum = q8_1_quad_sum(v);  // then the butterfly: formats.h's q8_1_block_sum order
 #pragma unroll
   for (int off = 1; off < 8; off <<= 1) {  // a butterfly: all 8 lanes get the same bits
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
@@ -295,8 +292,8 @@ __device__ __forceinline__ void norm_row_q8_1(const T* xr, const W* w, int64_t k
 // rows g, g + groups, ... place(row, block, j, word, ds, sq) as in norm_row_q8_1. Prefetches w into L2,
 // does the PDL wait, and ends with a CTA barrier.
 template <typename T, typename W, typename Place>
-__device__ __forceinline__ void cta_norm_q8_1_typed(const NormArgs& n, int batch, int64_t k, Place place) {
-  __shared__ float wsums[kNormMaxGroups][kNormWarps];
+__device__ __forceinline__ void cta_norm_q8_1_typed(const NormArgs& n, int batch, int64_t k, float* wsums,
+                                                    Place place) {
   const int groups = min(static_cast<int>(blockDim.x) / kNormThreads, kNormMaxGroups);
   const int group = threadIdx.x / kNormThreads, t = threadIdx.x % kNormThreads;
   const T* x = static_cast<const T*>(n.x);
@@ -305,7 +302,7 @@ __device__ __forceinline__ void cta_norm_q8_1_typed(const NormArgs& n, int batch
   grid_dependency_wait();
   if (group < groups) {
     for (int b = group; b < batch; b += groups) {
-      norm_row_q8_1(x + b * k, w, k, n.eps, (n.vec & 1) != 0, (n.vec & 2) != 0, t, group, groups, wsums[group],
+      norm_row_q8_1(x + b * k, w, k, n.eps, (n.vec & 1) != 0, (n.vec & 2) != 0, t, group, groups, wsums + group * kNormWarps,
                     [&](int64_t blk, int j, uint32_t word, uint32_t ds, uint32_t sq) {
                       place(b, blk, j, word, ds, sq);
                     },
@@ -315,20 +312,24 @@ __device__ __forceinline__ void cta_norm_q8_1_typed(const NormArgs& n, int batch
   __syncthreads();
 }
 
+// Static shared memory of cta_norm_q8_1 (launchers leave room for it next to their dynamic share).
+constexpr int kNormScratchBytes = kNormMaxGroups * kNormWarps * static_cast<int>(sizeof(float));
+
 // The nine (x type, w type) instantiations behind one switch; callers wrap it in a __noinline__
 // function (it runs once per CTA, and inlining nine copies would crowd their main loops).
 template <typename Place>
 __device__ __forceinline__ void cta_norm_q8_1(const NormArgs& n, int batch, int64_t k, Place place) {
+  __shared__ float wsums[kNormScratchBytes / sizeof(float)];  // here, not per type: one copy
   switch (n.types) {
-    case 0: return cta_norm_q8_1_typed<float, float>(n, batch, k, place);
-    case 1: return cta_norm_q8_1_typed<float, Half>(n, batch, k, place);
-    case 2: return cta_norm_q8_1_typed<float, Bf16>(n, batch, k, place);
-    case 3: return cta_norm_q8_1_typed<Half, float>(n, batch, k, place);
-    case 4: return cta_norm_q8_1_typed<Half, Half>(n, batch, k, place);
-    case 5: return cta_norm_q8_1_typed<Half, Bf16>(n, batch, k, place);
-    case 6: return cta_norm_q8_1_typed<Bf16, float>(n, batch, k, place);
-    case 7: return cta_norm_q8_1_typed<Bf16, Half>(n, batch, k, place);
-    default: return cta_norm_q8_1_typed<Bf16, Bf16>(n, batch, k, place);
+    case 0: return cta_norm_q8_1_typed<float, float>(n, batch, k, wsums, place);
+    case 1: return cta_norm_q8_1_typed<float, Half>(n, batch, k, wsums, place);
+    case 2: return cta_norm_q8_1_typed<float, Bf16>(n, batch, k, wsums, place);
+    case 3: return cta_norm_q8_1_typed<Half, float>(n, batch, k, wsums, place);
+    case 4: return cta_norm_q8_1_typed<Half, Half>(n, batch, k, wsums, place);
+    case 5: return cta_norm_q8_1_typed<Half, Bf16>(n, batch, k, wsums, place);
+    case 6: return cta_norm_q8_1_typed<Bf16, float>(n, batch, k, wsums, place);
+    case 7: return cta_norm_q8_1_typed<Bf16, Half>(n, batch, k, wsums, place);
+    default: return cta_norm_q8_1_typed<Bf16, Bf16>(n, batch, k, wsums, place);
   }
 }
 

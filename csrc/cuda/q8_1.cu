@@ -1,10 +1,8 @@
 // Q8_1 activation quantization and the fused RMSNorm -> Q8_1 pass on CUDA (SPEC §1, §3).
 //
-// quantize_q8_1: one thread owns one Q8_1 block (32 values) and sums it sequentially, in the CPU
-// reference's order, so it produces the same bytes as the CPU, bit for bit. rms_norm_mul_q8_1: a
-// group of 256 threads per row (norm.cuh); its sums are trees where the CPU's are sequential, so the
-// scale and s can differ in their last bit and the quants agree with the CPU up to rare ±1 flips at
-// rounding ties.
+// quantize_q8_1: one thread owns one Q8_1 block (32 values); rms_norm_mul_q8_1: a group of 256
+// threads per row (norm.cuh). Both sum in the orders the CPU reference uses (formats.h's
+// q8_1_block_sum for s, norm.cuh's for the sum of squares), so they write the CPU's bytes, bit for bit.
 //
 // Every float step that nvcc would contract into an FMA or approximate is spelled with an explicit
 // IEEE intrinsic (__fmul_rn, __fadd_rn, __fdiv_rn, __fsqrt_rn), matching the CPU build, which compiles

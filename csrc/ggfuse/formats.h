@@ -73,6 +73,16 @@ struct BlockQ6_K {
   uint16_t d;  // fp16
 };
 
+// The fp32 sum s of a Q8_1 block's 32 values, in one order everywhere (SPEC §1 leaves it open): the
+// CPU, the CUDA quantize kernel and the CUDA norm (whose 8 lanes per block hold 4 values each, and add
+// their sums in a butterfly) all write the same s. Each run of 4 values in order, then pairwise.
+GGFUSE_HD float q8_1_quad_sum(const float* v) { return ((v[0] + v[1]) + v[2]) + v[3]; }
+GGFUSE_HD float q8_1_block_sum(const float* v) {
+  float q[kQK / 4];
+  for (int j = 0; j < kQK / 4; ++j) q[j] = q8_1_quad_sum(v + 4 * j);
+  return ((q[0] + q[1]) + (q[2] + q[3])) + ((q[4] + q[5]) + (q[6] + q[7]));
+}
+
 static_assert(sizeof(BlockQ4_0) == 18, "Q4_0 block must be 18 bytes");
 static_assert(sizeof(BlockQ5_0) == 22, "Q5_0 block must be 22 bytes");
 static_assert(sizeof(BlockQ8_0) == 34, "Q8_0 block must be 34 bytes");

@@ -45,21 +45,12 @@ cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, int64_t weight_bytes, const
                               const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out,
                               DpStaging staging, cudaStream_t stream);
 
-// rms_norm_mul_q8_1 fused into the dp4a kernel: every CTA normalizes and quantizes x [batch, k]
-// (batch <= 8) into its shared copy of the activations (the bytes rms_norm_mul_q8_1 writes) instead of
-// copying Q8_1 rows, so a layer's norm + projection is one launch. Same declines as
-// mat_vec_q8_1_dp4a (cudaErrorNotSupported, nothing launched).
-cudaError_t rms_norm_mat_vec_q8_1_dp4a(const void* x, FloatType x_type, const void* norm_w, FloatType w_type,
-                                       float eps, const uint8_t* weight, int64_t weight_bytes,
-                                       const SegmentTable& table, int64_t k, int64_t batch, float* out,
-                                       int64_t n_out, DpStaging staging, cudaStream_t stream);
-
 // rms_norm_mul_q8_1 fused into mat_vec_q8_1 for batch <= 8, one launch: every CTA of the mat-vec
 // normalizes and quantizes x [batch, k] itself (into shared memory: the bytes rms_norm_mul_q8_1
-// writes). Tries rms_norm_mat_vec_q8_1_stream first (opt-in), then the dp4a kernel wherever
-// mat_vec_q8_1 would run it (unless GGFUSE_FUSED_NORM=0), then the MMA kernel's in-CTA norm
-// (GGFUSE_FUSED_NORM=1 only: it measured slower than two kernels). Returns cudaErrorNotSupported,
-// having launched nothing, when none applies or x does not fit; the caller then runs the two kernels.
+// writes). Opt-in, both measured slower than the two kernels chained by PDL: tries
+// rms_norm_mat_vec_q8_1_stream first (GGFUSE_MV_STREAM=N), then the MMA kernel (GGFUSE_FUSED_NORM=1).
+// Returns cudaErrorNotSupported, having launched nothing, when neither applies or x does not fit; the
+// caller then runs the two kernels.
 cudaError_t rms_norm_mat_vec_q8_1(const void* x, FloatType x_type, const void* norm_w, FloatType w_type,
                                   float eps, const uint8_t* weight, int64_t weight_bytes,
                                   const SegmentTable& table, int64_t k, int64_t batch, float* out,

@@ -101,13 +101,12 @@ at::Tensor mat_vec_q8_1_cuda(const at::Tensor& x_q8, const at::Tensor& weight, a
   return out;
 }
 
-// The decode hot path: norm -> Q8_1 -> fused mat-vec, one dispatch. Where the mat-vec would run the
-// dp4a kernel (small batches, mat_vec.cu's rule) one launch per (up to 16) segments does both, every
-// CTA normalizing x itself into the bytes the norm kernel writes; elsewhere the norm kernel writes the
-// Q8_1 rows and the mat-vec (chained to it by PDL) reads them. Opt-in, the streaming kernel on sm_90
-// (GGFUSE_MV_STREAM=N) or the MMA kernel (GGFUSE_FUSED_NORM=1) normalize in-CTA as well;
-// GGFUSE_FUSED_NORM=0 always runs the two kernels. cuda::rms_norm_mat_vec_q8_1 declines
-// (NotSupported) when no one-launch path applies or x does not fit.
+// The decode hot path: norm -> Q8_1 -> fused mat-vec, one dispatch. By default the norm kernel writes
+// the Q8_1 rows and the mat-vec (chained to it by PDL) reads them. Opt-in, for up to 8 rows, one
+// kernel per (up to 16) segments does both, every CTA normalizing x itself: the streaming kernel on
+// sm_90 with GGFUSE_MV_STREAM=N, or the MMA kernel with GGFUSE_FUSED_NORM=1 (both measured slower,
+// as did the dp4a kernel doing it: docs/PERFORMANCE.md v10); cuda::rms_norm_mat_vec_q8_1 declines
+// (NotSupported) when neither applies or x does not fit.
 at::Tensor rms_norm_mat_vec_q8_1_cuda(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
                                       const at::Tensor& weight, at::IntArrayRef qtypes,
                                       at::IntArrayRef rows, at::IntArrayRef offsets) {
