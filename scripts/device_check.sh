@@ -228,7 +228,8 @@ EOF
 fi
 
 # ---- tuning experiments (EXPERIMENTS="ENV=V ENV=V;ENV=V;..."): one short bench per configuration ----
-# (EXP_SHAPES, EXP_TYPES, EXP_BATCHES: space-separated subsets; default the QKV shape, Q4_K, B = 1 8)
+# (EXP_SHAPES, EXP_TYPES, EXP_BATCHES, EXP_VARIANTS: space-separated subsets; default the QKV shape,
+# Q4_K, B = 1 8, the variants fused two_kernels matvec norm; each configuration gets 120 s)
 if [ -n "${EXPERIMENTS:-}" ]; then
   stage_start
   EXPLOG=/tmp/experiments.log  # into summary.txt only: $OUT is limited to 8 files
@@ -237,7 +238,7 @@ if [ -n "${EXPERIMENTS:-}" ]; then
   for cfg in "${configs[@]}"; do
     echo "==== $cfg" >>"$EXPLOG"
     envs=(); [ "$cfg" != base ] && read -ra envs <<<"$cfg"
-    (cd /tmp && env "${envs[@]}" timeout 120 python3 -m ggfuse.bench --variants fused two_kernels matvec norm \
+    (cd /tmp && env "${envs[@]}" timeout 120 python3 -m ggfuse.bench --variants ${EXP_VARIANTS:-fused two_kernels matvec norm} \
        --shapes ${EXP_SHAPES:-4096->4096+1024+1024} --types ${EXP_TYPES:-Q4_K} --batches ${EXP_BATCHES:-1 8} --no-torch --no-plot --repeats 10 \
        --out /tmp/exp 2>&1 | grep -E "^[0-9]|measured" >>"$EXPLOG")
   done

@@ -322,8 +322,8 @@ FUSED_NORM_SPECS = {
 @pytest.mark.parametrize("k", [256, 4096, 8192])
 @pytest.mark.parametrize("batch", [1, 2, 4])
 def test_rms_norm_mat_vec_equals_two_kernels(poison_outputs, name, k, batch):
-    # The hot path against the norm op then the mat-vec op: bit for bit, whichever path it takes. By
-    # default it runs those two kernels; under device_check.sh's variants (GGFUSE_FUSED_NORM=1,
+    # The hot path against the norm op then the mat-vec op, whichever path it takes. By default it
+    # runs those two kernels; under device_check.sh's variants (GGFUSE_FUSED_NORM=1,
     # GGFUSE_MV_STREAM=8) mat-vec CTAs normalize x themselves and must write the norm kernel's bytes.
     # K = 8192 takes the norm past the rounds it holds in registers.
     specs = FUSED_NORM_SPECS[name]
@@ -334,7 +334,9 @@ def test_rms_norm_mat_vec_equals_two_kernels(poison_outputs, name, k, batch):
     got = ggfuse.ops.rms_norm_mat_vec_q8_1(x, nw, 1e-5, buf_d, qtypes, rows, offsets)
     xq = ggfuse.rms_norm_mul_q8_1(x, nw, 1e-5)
     two = ggfuse.mat_vec_q8_1(xq, buf_d, qtypes, rows, offsets)
-    assert torch.equal(got, two)
+    # Within fp32 summation order (a one-launch variant may run another mat-vec kernel than the
+    # two-kernel path: MMA against dp4a); one flipped quant would show as >= 1e-4.
+    assert rel_err(got, two.double().cpu().numpy()) < 1e-6
     assert rel_err(got, exact_mat_vec(segments, xq.cpu().numpy())) < CUDA_EXACT_TOL
 
 
@@ -349,7 +351,8 @@ def test_rms_norm_mat_vec_odd_widths(poison_outputs, k, x_dtype):
     nw = (1.0 + 0.2 * torch.randn(k)).to(DEV)
     got = ggfuse.ops.rms_norm_mat_vec_q8_1(x, nw, 1e-6, buf.to(DEV), qtypes, rows, offsets)
     xq = ggfuse.rms_norm_mul_q8_1(x, nw, 1e-6)
-    assert torch.equal(got, ggfuse.mat_vec_q8_1(xq, buf.to(DEV), qtypes, rows, offsets))
+    two = ggfuse.mat_vec_q8_1(xq, buf.to(DEV), qtypes, rows, offsets)
+    assert rel_err(got, two.double().cpu().numpy()) < 1e-6  # as above
     assert rel_err(got, exact_mat_vec(segments, xq.cpu().numpy())) < CUDA_EXACT_TOL
     assert torch.equal(xq.cpu(), ggfuse.rms_norm_mul_q8_1(x.cpu(), nw.cpu(), 1e-6))
 

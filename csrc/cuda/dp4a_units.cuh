@@ -23,8 +23,12 @@ constexpr uint32_t kOne = 0x01010101u;
 constexpr int kQ8Bytes = sizeof(BlockQ8_1);
 
 // ---- loads: the weight readers are templated on where the bytes are ----
-// Weights in global memory (mat_vec_dp4a.cu): read once, so past L1 (L1::no_allocate) through the
-// read-only path.
+// Weights in global memory (mat_vec_dp4a.cu), through the read-only path. The 16-byte loads (the
+// Q4_K / Q5_K units) read every byte once, so they skip L1 (L1::no_allocate). The 4- and 2-byte word
+// loads of the 2-byte aligned types (Q4_0, Q5_0, Q8_0, Q6_K: lanes 18 to 210 bytes apart) allocate in
+// L1: each warp-wide word load touches the sectors of the neighbouring lanes' blocks, which the next
+// word loads then find in L1 instead of fetching them from L2 again (v7 measured those types 2x slower
+// than their bytes with no_allocate).
 struct GlobalLd {
   static __device__ __forceinline__ uint4 ld16(const uint8_t* p) {
     uint4 v;
@@ -35,12 +39,12 @@ struct GlobalLd {
   }
   static __device__ __forceinline__ uint32_t ld4(const uint8_t* p) {
     uint32_t v;
-    asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
     return v;
   }
   static __device__ __forceinline__ uint32_t ld2(const uint8_t* p) {
     unsigned short v;
-    asm volatile("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=h"(v) : "l"(p));
+    asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
     return v;
   }
 };
