@@ -805,7 +805,6 @@ cudaError_t launch_cols(Params& p, int device, cudaStream_t stream) {
                                         static_cast<size_t>(p.max_tiles) * p.k_groups * 32 * 16 +
                                         static_cast<size_t>(kWarps) * kScratchFloats * sizeof(float));
   }
-
   for (int c = 0; c <= grid; ++c) p.cta_tile[c] = first_tile_at(p, cta_cost_bound(p, c, grid));
   // Prefetch at most half the L2 across the grid, so a layer larger than the L2 does not evict its
   // own prefetched bytes before they are read.

@@ -1,7 +1,8 @@
 // The RMSNorm -> Q8_1 arithmetic shared by the standalone norm kernel (q8_1.cu) and the norm that a
-// mat-vec CTA runs for itself (the dp4a kernel's default fused path, the MMA kernel with
-// GGFUSE_FUSED_NORM=1, the streaming kernel). One row is normalized by a group of 256 threads (8
-// warps) in one fixed order wherever it runs, so every path produces the same Q8_1 bytes:
+// mat-vec CTA runs for itself in the opt-in one-launch variants (the MMA kernel with
+// GGFUSE_FUSED_NORM=1, the streaming kernel; docs/PERFORMANCE.md v10 has why they stay opt-in). One
+// row is normalized by a group of 256 threads (8 warps) in one fixed order wherever it runs, so every
+// path produces the same Q8_1 bytes:
 //   * thread t owns the "quads" (4 consecutive values) t, t + 256, t + 512, ... ("rounds"); 8 adjacent
 //     lanes hold one Q8_1 block, so a block's max, sum and 32 divisions are spread over 8 lanes
 //     (the previous layout, one thread per block, put 32 serial IEEE divisions on every CTA's
