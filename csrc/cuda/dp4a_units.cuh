@@ -314,7 +314,7 @@ template <int32_t kType>
 constexpr int words_of() { return kType == kQ4_0 ? 5 : kType == kQ5_0 ? 6 : 9; }
 // Units of the 32-wide types a lane loads ahead of the one it computes (run_row).
 #ifndef GGFUSE_BLOCK_UNITS_AHEAD
-#define GGFUSE_BLOCK_UNITS_AHEAD 3
+#define GGFUSE_BLOCK_UNITS_AHEAD 1
 #endif
 constexpr int kBlockUnitsAhead = GGFUSE_BLOCK_UNITS_AHEAD;
 template <int32_t kType>
