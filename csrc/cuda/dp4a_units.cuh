@@ -312,11 +312,6 @@ __device__ __forceinline__ void dot_q6(int x_blocks, const uint32_t* sx, const U
 // Q4_0 (18 bytes: 5 words), Q5_0 (22: 6), Q8_0 (34: 9).
 template <int32_t kType>
 constexpr int words_of() { return kType == kQ4_0 ? 5 : kType == kQ5_0 ? 6 : 9; }
-// Units of the 32-wide types a lane loads ahead of the one it computes (run_row).
-#ifndef GGFUSE_BLOCK_UNITS_AHEAD
-#define GGFUSE_BLOCK_UNITS_AHEAD 1
-#endif
-constexpr int kBlockUnitsAhead = GGFUSE_BLOCK_UNITS_AHEAD;
 template <int32_t kType>
 constexpr int bytes_of() { return kType == kQ4_0 ? 18 : kType == kQ5_0 ? 22 : 34; }
 
@@ -363,40 +358,22 @@ __device__ __forceinline__ void dot_b32(int x_blocks, const uint32_t* sx, const 
 }
 
 
-// One row's units for this lane (lane, lane + 32, ...), kAhead units loaded before the current one
-// is used (1 for the K-quants, whose 48-byte units already keep ~100 bytes per lane in flight; more
-// for the 18- to 34-byte blocks of the 32-wide types). `first` runs once, after the lane's first
-// loads (the dp4a kernel's PDL wait and x copy).
-template <int kCols, typename Unit, int kAhead = 1, typename Load, typename Dot, typename First>
+// One row's units for this lane (lane, lane + 32, ...), the next unit loaded before the current one
+// is used. `first` runs once, after the lane's first load (the dp4a kernel's PDL wait and x copy).
+template <int kCols, typename Unit, typename Load, typename Dot, typename First>
 __device__ __forceinline__ void run_row(int n_units, int lane, Load load, Dot dot, float (&acc)[kCols],
                                         bool first, First first_fn) {
-  if constexpr (kAhead == 1) {
-    Unit cur;
-    int u = lane;
-    if (u < n_units) load(u, cur);
-    if (first) first_fn();
-    while (u < n_units) {
-      Unit next;
-      const int un = u + 32;
-      if (un < n_units) load(un, next);
-      dot(cur, u, acc);
-      cur = next;
-      u = un;
-    }
-  } else {
-    Unit q[kAhead + 1];  // q[0]: the unit being used, q[i]: unit u + 32 i
-#pragma unroll
-    for (int i = 0; i < kAhead; ++i) {
-      if (lane + 32 * i < n_units) load(lane + 32 * i, q[i]);
-    }
-    if (first) first_fn();
-    for (int u = lane; u < n_units; u += 32) {
-      const int un = u + 32 * kAhead;
-      if (un < n_units) load(un, q[kAhead]);
-      dot(q[0], u, acc);
-#pragma unroll
-      for (int i = 0; i < kAhead; ++i) q[i] = q[i + 1];
-    }
+  Unit cur;
+  int u = lane;
+  if (u < n_units) load(u, cur);
+  if (first) first_fn();
+  while (u < n_units) {
+    Unit next;
+    const int un = u + 32;
+    if (un < n_units) load(un, next);
+    dot(cur, u, acc);
+    cur = next;
+    u = un;
   }
 }
 
@@ -419,7 +396,7 @@ __device__ __forceinline__ void row_dot_typed(const uint8_t* row, int x_blocks, 
         first_fn);
   } else {  // Q4_0, Q5_0, Q8_0
     constexpr int kW = words_of<kType>();
-    run_row<kCols, WordsU<kW>, kBlockUnitsAhead>(
+    run_row<kCols, WordsU<kW>>(
         nb, lane, [&](int un, WordsU<kW>& w) { load_words<Ld, kW>(row + un * bytes_of<kType>(), w); },
         [&](const WordsU<kW>& w, int un, float (&a)[kCols]) { dot_b32<kCols, kType>(nb, sx, w, un, a); }, acc,
         first, first_fn);

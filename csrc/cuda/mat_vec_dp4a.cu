@@ -77,12 +77,6 @@ struct DpParams {
 constexpr int kDpRowsPerWarp = 2;  // rows a warp takes in turn: a CTA covers 16 rows
 constexpr int kDpCtaRows = kDpWarps * kDpRowsPerWarp;
 constexpr int kDpMinCtasPerSm = 3;  // the occupancy the register path reaches (72-80 registers)
-// Launch bounds: held to kDpMinCtasPerSm CTAs per SM (80 registers), so loading more units ahead
-// (dp4a_units.cuh run_row) cannot cost occupancy. 0 (the default heuristic) for comparisons.
-#ifndef GGFUSE_DP4A_LAUNCH_MIN_CTAS
-#define GGFUSE_DP4A_LAUNCH_MIN_CTAS 3
-#endif
-constexpr int kDpLaunchMinCtas = GGFUSE_DP4A_LAUNCH_MIN_CTAS;
 
 // Segment of global row `grow` (rows are numbered across segments in table order).
 __device__ __forceinline__ int segment_of(const DpParams& p, int grow) {
@@ -111,7 +105,7 @@ __device__ __forceinline__ void dp4a_row(const DpParams& p, const uint32_t* sx, 
 }
 
 template <int kCols>
-__global__ void __launch_bounds__(kDpThreads, kDpLaunchMinCtas) mat_vec_dp4a_kernel(const DpParams p) {
+__global__ void __launch_bounds__(kDpThreads) mat_vec_dp4a_kernel(const DpParams p) {
   extern __shared__ uint32_t sx[];
   allow_dependent_launch();
   const int lane = threadIdx.x & 31;
@@ -170,7 +164,7 @@ __device__ __forceinline__ void staged_row(const DpParams& p, const uint32_t* sx
 }
 
 template <int kCols>
-__global__ void __launch_bounds__(kDpThreads, kDpLaunchMinCtas) mat_vec_dp4a_staged_kernel(const DpParams p) {
+__global__ void __launch_bounds__(kDpThreads) mat_vec_dp4a_staged_kernel(const DpParams p) {
   extern __shared__ __align__(16) uint32_t smem_words[];
   uint32_t* sx = smem_words;
   allow_dependent_launch();
