@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A/B of compile-time variants on a GPU machine: for each "NAME=CUDA_DEFINES" argument, build ggfuse
 # with those nvcc flags and run one short bench (BENCH_ARGS, plus each env configuration of
-# AB_ENVS separated by ';', "base" for none). Output under $OUT/ab.txt. For experiments whose knob is
-# a compile-time constant (docs/PERFORMANCE.md says which); device_check.sh is the regular run.
+# AB_ENVS separated by ';', "base" for none). Output under $OUT/ab.txt. For experiments that need
+# another build (a macro the experiment adds to a kernel); device_check.sh is the regular run.
 set -u -o pipefail
 OUT=${OUT:?set OUT}
 REPO=$(pwd)
