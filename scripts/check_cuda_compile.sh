@@ -17,7 +17,7 @@ trap 'rm -rf "$out"' EXIT
 archs="-gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90"
 shopt -s nullglob
 n=0
-for src in csrc/cuda/*.cu; do
+for src in csrc/cuda/*.cu benchmarks/*.cu; do
   echo "nvcc sm_80+sm_90: $src"
   "$NVCC" -std=c++17 -O3 --expt-relaxed-constexpr -Werror all-warnings -Xcompiler=-Wall -Icsrc $archs \
     -c "$src" -o "$out/$(basename "$src").o"
