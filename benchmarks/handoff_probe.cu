@@ -6,6 +6,9 @@
 //   matvec     the mat-vec alone (its activations already there): the floor of the other two;
 //   norm       the one-CTA norm kernel alone, chained;
 //   two        norm kernel, then mat-vec kernel (what ggfuse runs);
+//   ggnorm     ggfuse's norm (norm.cuh) in the same chain: bf16 x and a norm weight per layer;
+//              -nopf without its L2 prefetch of the weight, -samew with one weight for all layers,
+//              -rtk with K a kernel argument (as in the library) instead of a compile-time constant;
 //   handoff    one kernel: the first CTA past the PDL wait (an atomic ticket, so it is always a
 //              resident one) normalizes x and publishes the activations with a release flag, the
 //              others acquire it; the last CTA out resets the ticket, the counter and the flag.
@@ -20,12 +23,14 @@
 #include <vector>
 
 #include "cuda/common.cuh"
+#include "cuda/norm.cuh"
 
 namespace {
 
 using ggfuse::cuda::allow_dependent_launch;
 using ggfuse::cuda::grid_dependency_wait;
 using ggfuse::cuda::launch_kernel;
+using ggfuse::Bf16;
 
 constexpr int kK = 4096;            // activations per row
 constexpr int kRows = 6144;         // weight rows (Q | K | V)
@@ -91,6 +96,25 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const float* x, int8_t* 
   allow_dependent_launch();
   grid_dependency_wait();
   norm_cta(x, act);
+}
+
+// ggfuse's own norm (norm.cuh, as q8_1.cu's kernel runs it): bf16 x and norm weight, Q8_1 out.
+// kRuntimeK: K the kernel argument, as in the library; else the compile-time constant kK.
+template <bool kRuntimeK>
+__global__ void __launch_bounds__(kThreads) gg_norm_kernel(const Bf16* x, const Bf16* w, bool prefetch,
+                                                           int64_t k_arg, uint8_t* out) {
+  const int64_t k = kRuntimeK ? k_arg : int64_t{kK};
+  __shared__ float warp_sums[ggfuse::cuda::kNormWarps];
+  allow_dependent_launch();
+  if (prefetch) ggfuse::cuda::prefetch_norm_weight(w, k, threadIdx.x);
+  grid_dependency_wait();
+  uint32_t* o = reinterpret_cast<uint32_t*>(out);
+  ggfuse::cuda::norm_row_q8_1(x, w, k, 1e-6f, true, true, threadIdx.x, 0, 1, warp_sums,
+                              [&](int64_t blk, int j, uint32_t word, uint32_t ds, uint32_t) {
+                                o[9 * blk + 1 + j] = word;
+                                if (j == 0) o[9 * blk] = ds;
+                              },
+                              static_cast<Bf16*>(nullptr));
 }
 
 __device__ __forceinline__ uint4 ld_weights(const uint8_t* p) {
@@ -170,12 +194,26 @@ __global__ void __launch_bounds__(kThreads) matvec_kernel(const uint8_t* __restr
   }
 }
 
-enum Mode { kMatvec, kNorm, kTwo, kHandoffMode };
-const char* kModeNames[] = {"matvec", "norm", "two", "handoff"};
+enum Mode { kMatvec, kNorm, kTwo, kHandoffMode, kGgNorm, kGgNormNoPrefetch, kGgNormSameW, kGgNormRuntimeK };
+const char* kModeNames[] = {"matvec", "norm", "two", "handoff", "ggnorm", "ggnorm-nopf", "ggnorm-samew",
+                            "ggnorm-rtk"};
+
+struct GgNorm {
+  const Bf16* x;
+  const Bf16* w;  // [layers][K]
+  uint8_t* out;
+};
+GgNorm g_gg{};
 
 void enqueue(Mode m, int layers, const uint8_t* w, const float* x, int8_t* act, Workspace* ws, float* out,
              cudaStream_t s) {
   for (int l = 0; l < layers; ++l) {
+    if (m >= kGgNorm) {
+      const Bf16* wl = g_gg.w + (m == kGgNormSameW ? 0 : static_cast<size_t>(l) * kK);
+      CHECK(launch_kernel(m == kGgNormRuntimeK ? gg_norm_kernel<true> : gg_norm_kernel<false>, dim3(1),
+                          dim3(kThreads), 0, s, g_gg.x, wl, m != kGgNormNoPrefetch, int64_t{kK}, g_gg.out));
+      continue;
+    }
     const uint8_t* wl = w + static_cast<size_t>(l) * kRows * kRowBytes;
     if (m == kNorm || m == kTwo) CHECK(launch_kernel(norm_kernel, dim3(1), dim3(kThreads), 0, s, x, act));
     if (m == kMatvec || m == kTwo) {
@@ -258,7 +296,12 @@ int main(int argc, char** argv) {
   std::printf("handoff output equals two-kernel output: %s; workspace reset: %s\n", same ? "yes" : "NO",
               hws.ticket == 0 && hws.done == 0 && hws.flag == 0 ? "yes" : "NO");
 
-  for (Mode m : {kMatvec, kNorm, kTwo, kHandoffMode}) {
+  CHECK(cudaMalloc(&g_gg.x, kK * sizeof(Bf16)));
+  CHECK(cudaMalloc(&g_gg.w, static_cast<size_t>(layers) * kK * sizeof(Bf16)));
+  CHECK(cudaMalloc(&g_gg.out, kK / 32 * 36));
+  CHECK(cudaMemset(const_cast<Bf16*>(g_gg.x), 0x3f, kK * sizeof(Bf16)));
+  CHECK(cudaMemset(const_cast<Bf16*>(g_gg.w), 0x3f, static_cast<size_t>(layers) * kK * sizeof(Bf16)));
+  for (Mode m : {kMatvec, kNorm, kTwo, kHandoffMode, kGgNorm, kGgNormNoPrefetch, kGgNormSameW, kGgNormRuntimeK}) {
     std::printf("%-8s %7.2f us per layer\n", kModeNames[m], time_per_layer(m, layers, w, x, act, ws, out, s));
   }
   return same ? 0 : 1;
