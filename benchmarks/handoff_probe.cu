@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cuda/common.cuh"
+#include "cuda/dp4a_units.cuh"
 #include "cuda/norm.cuh"
 
 namespace {
@@ -117,13 +118,8 @@ __global__ void __launch_bounds__(kThreads) gg_norm_kernel(const Bf16* x, const 
                               static_cast<Bf16*>(nullptr));
 }
 
-__device__ __forceinline__ uint4 ld_weights(const uint8_t* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
+// Weights: read once, past L1 (the dp4a kernel's loads).
+__device__ __forceinline__ uint4 ld_weights(const uint8_t* p) { return ggfuse::cuda::dp4a::GlobalLd::ld16(p); }
 // Activations written by another CTA of the same grid: read at L2 (never a stale L1 line).
 __device__ __forceinline__ uint4 ld_act(const int8_t* p) {
   uint4 v;
