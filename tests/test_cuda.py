@@ -65,6 +65,24 @@ def test_quantize_q8_1_bit_exact_with_cpu(poison_outputs, dtype, shape):
     assert torch.equal(got.cpu(), ref)
 
 
+def test_quantize_q8_1_near_rounding_ties(poison_outputs):
+    # Values whose v / d sits on or within a few ulps of a half-integer (where the kernels' fast quant
+    # must fall back to the IEEE division), at scales from subnormal d to 1e37: the CPU's bytes.
+    rng = np.random.default_rng()
+    n_blocks = 4096
+    amax = np.float32(10.0) ** rng.uniform(-40, 37, n_blocks).astype(np.float32)
+    amax[:8] = [1e-43, 1e-42, 2.0 ** -120, 2.0 ** -126, 1.0, 127.0, 1e30, 3e38]
+    amax = amax.astype(np.float32)
+    d = (amax / np.float32(127.0)).astype(np.float32)
+    k = rng.integers(-127, 127, size=(n_blocks, 32)).astype(np.float64)
+    delta = rng.choice([0.0, 1e-7, -1e-7, 3e-6, -3e-6, 1e-4, -1e-4, 5e-4, -5e-4, 3e-3], size=(n_blocks, 32))
+    v = ((k + 0.5 + delta) * d[:, None].astype(np.float64)).astype(np.float32)
+    v = np.clip(v, -amax[:, None], amax[:, None])
+    v[:, 0] = amax  # amax is a value of the block, so d is exactly what both sides compute
+    x = torch.from_numpy(v.reshape(1, -1))
+    assert torch.equal(ggfuse.quantize_q8_1(x.to(DEV)).cpu(), ggfuse.quantize_q8_1(x))
+
+
 def test_quantize_q8_1_unaligned_input(poison_outputs):
     # A view starting 4 bytes into its storage cannot use 16-byte loads; the result must not change.
     base = randn(2 * 256 + 1)
