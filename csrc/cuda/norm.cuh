@@ -71,20 +71,6 @@ __device__ __forceinline__ void store_one(float v, Bf16* p) {
   p->bits = __bfloat16_as_ushort(__float2bfloat16_rn(v));
 }
 
-// One Q8_1 quant, roundf(v / d) with the IEEE division SPEC §1 asks for, bit for bit, but mostly
-// without it: `r` is an approximate 1/d (__fdividef: 2 ulp), so for |v / d| <= 128 the product v * r
-// is within 128 * 1.25 * 2^-22 = 2^-14.7 of v / d, and of its rounding RN(v / d) within 2^-14.6. Where
-// |v * r| is farther than 2^-12 from a half-integer, both round to the same integer; nearer (about 1
-// value in 2000), and for d too small for r to be accurate, the division decides. The division, a
-// subroutine with a branch, was half of the norm kernel's time when every quant took it (a chain of
-// norm kernels: 2.29 against 1.60 us per kernel on the H200, docs/PERFORMANCE.md v10).
-__device__ __forceinline__ int q8_quant(float v, float d, float r) {
-  const float y = __fmul_rn(v, r);
-  const float a = fabsf(y);
-  if (d >= 0x1p-125f && fabsf(a - (floorf(a) + 0.5f)) > 0x1p-12f) return static_cast<int>(roundf(y));
-  return static_cast<int>(roundf(__fdiv_rn(v, d)));
-}
-
 // Q8_1 of 32 floats, exactly as cpu/q8_1.cpp's quantize_block_q8_1: fmax, q8_1_block_sum, fp32
 // d = amax/127 with an IEEE division, q = roundf(v/d) (half away from zero), d and s rounded to fp16.
 // `out` is 4-byte aligned (a Q8_1 row of ours, in global or shared memory).
@@ -94,7 +80,6 @@ __device__ __forceinline__ void quantize_block(const float v[kQK], uint8_t* out)
   for (int i = 0; i < kQK; ++i) amax = fmaxf(amax, fabsf(v[i]));
   const float sum = q8_1_block_sum(v);  // formats.h: the order every kernel uses
   const float d = __fdiv_rn(amax, 127.0f);
-  const float r = __fdividef(1.0f, d);
   uint32_t words[2 + kQK / 4];
   words[0] = static_cast<uint32_t>(__half_as_ushort(__float2half_rn(d))) |
              (static_cast<uint32_t>(__half_as_ushort(__float2half_rn(sum))) << 16);
@@ -103,7 +88,7 @@ __device__ __forceinline__ void quantize_block(const float v[kQK], uint8_t* out)
     uint32_t packed = 0;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int q = amax == 0.0f ? 0 : q8_quant(v[4 * i + j], d, r);
+      const int q = amax == 0.0f ? 0 : static_cast<int>(roundf(__fdiv_rn(v[4 * i + j], d)));
       packed |= (static_cast<uint32_t>(q) & 0xffu) << (8 * j);
     }
     words[1 + i] = packed;
@@ -209,11 +194,10 @@ __device__ __forceinline__ void quantize_quad(const float v[4], Place place) {
     sum = __fadd_rn(sum, __shfl_xor_sync(0xffffffffu, sum, off));
   }
   const float d = __fdiv_rn(amax, 127.0f);
-  const float r = __fdividef(1.0f, d);
   uint32_t word = 0;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const int q = amax == 0.0f ? 0 : q8_quant(v[i], d, r);
+    const int q = amax == 0.0f ? 0 : static_cast<int>(roundf(__fdiv_rn(v[i], d)));
     word |= (static_cast<uint32_t>(q) & 0xffu) << (8 * i);
   }
   const uint32_t ds = static_cast<uint32_t>(__half_as_ushort(__float2half_rn(d))) |
