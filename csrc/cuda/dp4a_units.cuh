@@ -9,7 +9,6 @@
 
 #include "common.cuh"
 #include "ggfuse/decode.h"
-#include "norm.cuh"
 
 namespace ggfuse {
 namespace cuda {
@@ -123,23 +122,6 @@ __device__ __forceinline__ void stage_x(const uint8_t* x, int nblk, uint32_t* sx
     put_x_block(w, nblk, i, sx);
   }
   __syncthreads();
-}
-
-// The fused norm in place of the copy: L2 prefetch of the norm weight, the PDL wait, then this CTA
-// normalizes and quantizes the `cols` rows of n.x (K = nb * 32) into the same layout stage_x writes
-// (norm.cuh: the standalone norm kernel's bytes); ends with a CTA barrier. Out of line (static: one
-// copy per translation unit) since it runs once per CTA and holds nine type instantiations.
-static __device__ __noinline__ void stage_norm_x(const NormArgs n, int cols, int nb, uint32_t* sx) {
-  const int nblk = cols * nb;
-  cta_norm_q8_1(n, cols, static_cast<int64_t>(nb) * kQK,
-                [&](int b, int64_t blk, int j, uint32_t word, uint32_t ds, uint32_t sq) {
-                  const int i = b * nb + static_cast<int>(blk);
-                  sx[9 * i + 1 + j] = word;
-                  if (j == 0) {
-                    sx[9 * i] = ds;
-                    sx[9 * nblk + i] = sq;
-                  }
-                });
 }
 
 // Q5_0's fifth bits: 4 bits of v to bit 4 of each of 4 bytes.

@@ -172,6 +172,23 @@ __device__ __forceinline__ void issue_chunk(const StreamParams& p, const Chunk& 
 }
 
 // ---- activations ----
+// The fused norm in place of the copy: L2 prefetch of the norm weight, the PDL wait, then this CTA
+// normalizes and quantizes the `cols` rows of n.x (K = nb * 32) into the layout dp4a::stage_x writes
+// (norm.cuh: the standalone norm kernel's bytes); ends with a CTA barrier. Out of line: it runs
+// once per CTA and holds nine type instantiations.
+__device__ __noinline__ void stage_norm_x(const NormArgs n, int cols, int nb, uint32_t* sx) {
+  const int nblk = cols * nb;
+  cta_norm_q8_1(n, cols, static_cast<int64_t>(nb) * kQK,
+                [&](int b, int64_t blk, int j, uint32_t word, uint32_t ds, uint32_t sq) {
+                  const int i = b * nb + static_cast<int>(blk);
+                  sx[9 * i + 1 + j] = word;
+                  if (j == 0) {
+                    sx[9 * i] = ds;
+                    sx[9 * nblk + i] = sq;
+                  }
+                });
+}
+
 // ---- the kernel ----
 // The rows of one chunk (in shared memory from `base`, row_bytes apart): warp w takes rows w, w + kWarps, ...
 template <int kCols, int32_t kType, int kWarps>
@@ -226,7 +243,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) mat_vec_stream_kernel(const St
   if (p.x != nullptr) {
     dp4a::stage_x(p.x, kCols * p.x_blocks, sx);
   } else {
-    dp4a::stage_norm_x(p.norm, kCols, p.x_blocks, sx);
+    stage_norm_x(p.norm, kCols, p.x_blocks, sx);
   }
 
   int32_t row = r_begin;
