@@ -127,6 +127,10 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   cuda_variant_stage pytest-cuda-dp4a-forced GGFUSE_MV_DP4A=8 "mat_vec or graph or compile"
   cuda_variant_stage pytest-cuda-dp4a-unstaged "GGFUSE_MV_DP4A=8 GGFUSE_MV_STAGED=0" "mat_vec or graph or compile"
   cuda_variant_stage pytest-cuda-dp4a-staged "GGFUSE_MV_DP4A=8 GGFUSE_MV_STAGED=1" "mat_vec or graph or compile"
+  # the staged MMA kernel for Q4_K-only weights (by default mat_vec_q4k_direct_kernel), and the MMA
+  # kernels at every batch (the dp4a kernel never), so the direct kernel also runs B = 1 and 2.
+  cuda_variant_stage pytest-cuda-mma-staged GGFUSE_MV_DIRECT=0 "mat_vec or graph or compile"
+  cuda_variant_stage pytest-cuda-mma-only GGFUSE_MV_DP4A=0 "mat_vec or graph or compile"
   [ "${SKIP_CPU_TESTS:-0}" = 1 ] || { stage_start
   (cd /tmp && GGFUSE_REQUIRE_CUDA=1 timeout 240 python3 -m pytest "$REPO/tests" -q -p no:cacheprovider \
      --ignore "$REPO/tests/test_cuda.py" -rfE >>"$OUT/pytest.log" 2>&1)
@@ -139,7 +143,7 @@ fi
 # ---- SASS of the K-quant mat-vec kernels (SASS=1): what each item really costs ----
 if [ "${SASS:-0}" = 1 ]; then
   so=$(python3 -c 'import ggfuse, os; print(os.path.join(os.path.dirname(ggfuse.__file__), "_C.so"))')
-  cuobjdump -sass "$so" | awk '/Function : .*mat_vec_kernelILi(1|8)ELi56E/{f=1} /Function : /&&!/mat_vec_kernelILi(1|8)ELi56E/{f=0} f' >"$OUT/sass.txt"
+  cuobjdump -sass "$so" | awk '/Function : .*(mat_vec_kernelILi(1|8)ELi56E|mat_vec_q4k_direct_kernel)/{f=1} /Function : /&&!/(mat_vec_kernelILi(1|8)ELi56E|mat_vec_q4k_direct_kernel)/{f=0} f' >"$OUT/sass.txt"
   note "sass: $(wc -l <"$OUT/sass.txt") lines"
 fi
 
@@ -166,7 +170,7 @@ PYEOF
      --metrics smsp__inst_executed.sum,smsp__sass_inst_executed_op_shared_ld.sum,smsp__sass_inst_executed_op_global_ld.sum,smsp__sass_inst_executed_op_local_ld.sum \
      python3 /tmp/profile_ops.py >"$OUT/ncu.txt" 2>&1)
   rc=$?
-  grep -E "mat_vec_kernel|rms_norm_q8_1|Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Issued Warp Per|No Eligible|Stall" "$OUT/ncu.txt" | head -80 >>"$SUMMARY"
+  grep -E "mat_vec_kernel|mat_vec_q4k_direct|rms_norm_q8_1|Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Issued Warp Per|No Eligible|Stall" "$OUT/ncu.txt" | head -80 >>"$SUMMARY"
   stage_end ncu $rc
 fi
 

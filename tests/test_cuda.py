@@ -203,6 +203,15 @@ def test_mat_vec_batch_sizes(poison_outputs, batch):
     check_mat_vec_cuda([(T.Q4_K, 40), (T.Q6_K, 9)], 512, batch)
 
 
+@pytest.mark.parametrize("batch", [3, 4, 7, 8, 11])
+@pytest.mark.parametrize("k", [256, 4096])
+def test_mat_vec_q4_k_segments_batches(poison_outputs, batch, k):
+    # Q4_K-only weights above the dp4a kernel's batches take the direct MMA kernel: several segments,
+    # a last tile with a few rows, many tiles per CTA at K = 4096 (1400 rows), a second 8-row chunk
+    check_mat_vec_cuda([(T.Q4_K, 1000), (T.Q4_K, 200), (T.Q4_K, 200)] if k == 4096
+                       else [(T.Q4_K, 64), (T.Q4_K, 5), (T.Q4_K, 33)], k, batch)
+
+
 @pytest.mark.parametrize("rows", [1, 15, 16, 17, 300])
 def test_mat_vec_row_counts(poison_outputs, rows):
     check_mat_vec_cuda([(T.Q4_K, rows)], 4096, 1)
@@ -256,8 +265,10 @@ def test_mat_vec_segments_out_of_buffer_order(poison_outputs, batch):
     assert rel_err(out, exact_mat_vec([segments[i] for i in order], xq.numpy())) < CUDA_EXACT_TOL
 
 
-def test_mat_vec_is_deterministic(poison_outputs):
-    segments, buf, qtypes, rows, offsets = make_fused([(T.Q4_K, 200), (T.Q6_K, 50)], 4096)
+@pytest.mark.parametrize("specs", [[(T.Q4_K, 200), (T.Q6_K, 50)], [(T.Q4_K, 200), (T.Q4_K, 50)]],
+                         ids=["q4k_q6k", "q4k"])
+def test_mat_vec_is_deterministic(poison_outputs, specs):
+    segments, buf, qtypes, rows, offsets = make_fused(specs, 4096)
     xq = ggfuse.quantize_q8_1(randn(4, 4096).to(DEV))
     buf = buf.to(DEV)
     a = ggfuse.mat_vec_q8_1(xq, buf, qtypes, rows, offsets)

@@ -168,6 +168,65 @@ inline int64_t cta_cost_bound(const Params& p, int64_t cta, int64_t grid) {
   return p.total_cost * cta / grid;
 }
 
+// The CTA's tiles [tile0, tile0 + n_tiles) as (segment, first row, valid rows), in shared memory.
+__device__ __forceinline__ void build_tile_table(const Params& p, int32_t tile0, int32_t n_tiles, TileInfo* tiles) {
+  for (int i = threadIdx.x; i < n_tiles; i += blockDim.x) {
+    const int32_t tile = tile0 + i;
+    int s = 0;
+    while (s + 1 < p.n_seg && tile >= p.seg[s + 1].tile_begin) ++s;
+    TileInfo ti;
+    ti.seg = s;
+    ti.row0 = (tile - p.seg[s].tile_begin) * kTileRows;
+    ti.rows_valid = min(kTileRows, p.seg[s].rows - ti.row0);
+    ti.pad = 0;
+    tiles[i] = ti;
+  }
+}
+
+// Sums each tile's K-group partials (float4 per lane in C-fragment order) in group order and stores
+// the tile's 16 rows x batch columns. Called after a __syncthreads that follows the last partial write.
+__device__ __forceinline__ void store_tiles(const Params& p, const TileInfo* tiles, const float* partials,
+                                            int32_t n_tiles) {
+  const int kg = p.k_groups;
+  const int groups = min(kg, p.steps);
+  for (int q = threadIdx.x; q < n_tiles * 32; q += blockDim.x) {
+    const int32_t tl = q >> 5;
+    const int ln = q & 31;
+    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int w = 0; w < groups; ++w) {
+      const float4 v = reinterpret_cast<const float4*>(partials)[(static_cast<size_t>(tl) * kg + w) * 32 + ln];
+      sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
+    }
+    const TileInfo ti = tiles[tl];
+    const SegDesc& sd = p.seg[ti.seg];
+    const int gg = ln >> 2, tt = ln & 3;
+    const int32_t ra = ti.row0 + gg, rb = ti.row0 + gg + 8;
+    const int ca = 2 * tt, cb = ca + 1;
+    float* o = p.out + sd.col_begin;
+    if (ra < sd.rows) {
+      if (ca < p.batch) o[static_cast<int64_t>(ca) * p.n_out + ra] = sum.x;
+      if (cb < p.batch) o[static_cast<int64_t>(cb) * p.n_out + ra] = sum.y;
+    }
+    if (rb < sd.rows) {
+      if (ca < p.batch) o[static_cast<int64_t>(ca) * p.n_out + rb] = sum.z;
+      if (cb < p.batch) o[static_cast<int64_t>(cb) * p.n_out + rb] = sum.w;
+    }
+  }
+}
+
+// Partial sums of (tile tl, K group kw) in the CTA's slots: the owning warp's first step stores,
+// later steps add (one writer per slot, a fixed order: deterministic).
+__device__ __forceinline__ void add_partial(float* partials, int32_t tl, int kg, int kw, int lane, bool first,
+                                            const float (&r)[4]) {
+  float4* slot = reinterpret_cast<float4*>(partials) + (static_cast<size_t>(tl) * kg + kw) * 32 + lane;
+  float4 v = make_float4(r[0], r[1], r[2], r[3]);
+  if (!first) {
+    const float4 o = *slot;
+    v.x += o.x; v.y += o.y; v.z += o.z; v.w += o.w;
+  }
+  *slot = v;
+}
+
 // Exact int -> float without the conversion unit (which queues behind shared-memory traffic on the
 // MIO pipe): for |v| < 2^22, v + 1.5 * 2^23 is a float of fixed exponent whose mantissa holds v, so
 // subtracting 1.5 * 2^23 leaves v exactly. Every integer converted here is far below 2^22.
@@ -543,6 +602,147 @@ __device__ __forceinline__ void compute_item_typed(const Params& p, const SegDes
   }
 }
 
+// ---- Q4_K weights read straight into MMA fragments (mat_vec_q4k_direct_kernel) ----
+// The staged kernel above spends ~540 warp instructions per item (16 rows x 256 values), about half
+// of them moving bytes (cp.async issue, shared loads of weights and scales) and the rest on a float
+// epilogue of ~6 operations per output element and sub-block; at B = 8 it is issue-bound at 25% of the
+// read bandwidth (docs/PERFORMANCE.md). For Q4_K rows (16-byte aligned, one 144-byte block per K
+// step) nothing needs staging: lane (g, t) loads, for its rows g and g + 8, the 16-byte block header
+// and bytes 8t..8t+7 of each 32-byte run of qs, which after the nibble split are that lane's A
+// fragments of both sub-blocks of the run, under the k permutation "fragment k 4t..4t+3 = values
+// 8t..8t+3, k 16+4t..16+4t+3 = values 8t+4..8t+7" (any k permutation applied to A and B alike leaves
+// the product unchanged; the B fragments below follow it).
+// The epilogue keeps integers as long as it can. A sub-block j contributes
+//   d_x * (d * sc_j * sumi - dmin * m_j * sumq)      (decode.h dot_k_sub; d, dmin per row and block)
+// and the item's rows sum this over j = 0..7, so it is evaluated as
+//   d * sum_j d_x[j] * float(sc_j * sumi_j) - dmin * sum_j m_j * (d_x[j] * sumq_j)
+// where sc_j * sumi_j is one integer multiply-add (|sumi| <= 15 * 128 * 32, sc <= 63: below 2^22,
+// so i2f_exact converts it exactly) and d_x[j] * sumq_j depends on the column only (computed once per
+// K step with the activations). Three operations per element and sub-block, plus one for the mins.
+// The two forms are equal in exact arithmetic; in fp32 they round differently (well inside SPEC §5's
+// 1e-4), so this kernel's results are not bit-identical to the staged kernel's.
+
+// Activations of one K step in the direct layout: B fragments of column g, and for the epilogue
+// columns 2t and 2t+1 the Q8_1 scales d_x and d_x * sumq. Always 8 columns: at B = 1 the staged
+// kernel's one-column variant saves epilogue work, but B <= 2 runs the dp4a kernel by default.
+struct DirectAct {
+  uint32_t b[kStepBlocks][2];
+  float dx0[kStepBlocks], dq0[kStepBlocks];
+  float dx1[kStepBlocks], dq1[kStepBlocks];
+};
+
+__device__ __forceinline__ void load_direct_act(const Params& p, const uint8_t* xq, int step, int lane,
+                                                DirectAct& act) {
+  constexpr int kBQ = sizeof(BlockQ8_1);
+  const int g = lane >> 2, t = lane & 3;
+  const int last = p.batch - 1;
+  const int64_t blk0 = static_cast<int64_t>(step) * kStepBlocks * kBQ;  // K % 256 == 0 for Q4_K
+  const uint8_t* xg = xq + min(g, last) * p.x_row_bytes + blk0;
+  const uint8_t* x0 = xq + min(2 * t, last) * p.x_row_bytes + blk0;
+  const uint8_t* x1 = xq + min(2 * t + 1, last) * p.x_row_bytes + blk0;
+#pragma unroll
+  for (int j = 0; j < kStepBlocks; ++j) {
+    act.b[j][0] = lds32(xg + j * kBQ + 4 + 8 * t);  // generic loads: global memory written before the wait
+    act.b[j][1] = lds32(xg + j * kBQ + 8 + 8 * t);
+    act.dx0[j] = h2f(lds32(x0 + j * kBQ));
+    act.dx1[j] = h2f(lds32(x1 + j * kBQ));
+  }
+#pragma unroll
+  for (int j = 0; j < kStepBlocks; ++j) {
+    const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
+    int c[4];
+    mma_k32_z(c, ones, act.b[j][0], act.b[j][1]);  // every row: sum of column 2t's / 2t+1's quants
+    act.dq0[j] = act.dx0[j] * i2f_exact(c[0]);
+    act.dq1[j] = act.dx1[j] * i2f_exact(c[1]);
+  }
+}
+
+// One item's weight bytes as lane (g, t) needs them: headers (d, dmin, scales) of rows g and g + 8,
+// and bytes 8t..8t+7 of each 32-byte run of their qs.
+struct Q4KItem {
+  uint4 h0, h1;
+  uint2 q0[4], q1[4];
+};
+
+__device__ __forceinline__ uint2 ldg8_stream(const uint8_t* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint4 ldg16_stream(const uint8_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+// Rows past the end of the segment (its last tile) read the tile's last valid row instead: nothing
+// outside the segment is touched, and store_tiles drops those rows.
+__device__ __forceinline__ void load_q4k_item(const Params& p, const TileInfo& ti, int step, int lane, Q4KItem& w) {
+  const SegDesc& sd = p.seg[ti.seg];
+  const int g = lane >> 2, t = lane & 3;
+  const int ra = min(g, ti.rows_valid - 1), rb = min(g + 8, ti.rows_valid - 1);
+  const uint8_t* base = p.weight + sd.byte_offset + static_cast<int64_t>(step) * sizeof(BlockQ4_K);
+  const uint8_t* r0 = base + static_cast<int64_t>(ti.row0 + ra) * sd.row_bytes;
+  const uint8_t* r1 = base + static_cast<int64_t>(ti.row0 + rb) * sd.row_bytes;
+  w.h0 = ldg16_stream(r0);
+  w.h1 = ldg16_stream(r1);
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    w.q0[c] = ldg8_stream(r0 + 16 + 32 * c + 8 * t);
+    w.q1[c] = ldg8_stream(r1 + 16 + 32 * c + 8 * t);
+  }
+}
+
+// k_scale_min (formats.h) for all 8 sub-blocks of a header, packed a byte per sub-block:
+// sc[0] holds sub-blocks 0..3, sc[1] 4..7; likewise m.
+__device__ __forceinline__ void unpack_k_scales(const uint4& h, uint32_t (&sc)[2], uint32_t (&m)[2]) {
+  sc[0] = h.y & 0x3F3F3F3Fu;
+  m[0] = h.z & 0x3F3F3F3Fu;
+  sc[1] = (h.w & 0x0F0F0F0Fu) | ((h.y >> 2) & 0x30303030u);
+  m[1] = ((h.w >> 4) & 0x0F0F0F0Fu) | ((h.z >> 2) & 0x30303030u);
+}
+__device__ __forceinline__ int byte_u(uint32_t w, int i) { return static_cast<int>(__byte_perm(w, 0u, 0x4440u + i)); }
+// Byte i of w as a float (exactly: 2^23 + byte, less 2^23).
+__device__ __forceinline__ float byte_f(uint32_t w, int i) {
+  return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7650u + i)) - 8388608.0f;
+}
+
+// r[0..3] = (row g, col 2t), (row g, col 2t+1), (row g+8, col 2t), (row g+8, col 2t+1).
+__device__ __forceinline__ void compute_q4k_item(const Q4KItem& w, const DirectAct& act, float (&r)[4]) {
+  uint32_t sc0[2], m0[2], sc1[2], m1[2];
+  unpack_k_scales(w.h0, sc0, m0);
+  unpack_k_scales(w.h1, sc1, m1);
+  float acc[4] = {0.f, 0.f, 0.f, 0.f}, accm[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int j = 2 * c + h;  // low nibbles: sub-block 2c, high: 2c + 1
+      const uint32_t a[4] = {(w.q0[c].x >> (4 * h)) & kNibbles, (w.q1[c].x >> (4 * h)) & kNibbles,
+                             (w.q0[c].y >> (4 * h)) & kNibbles, (w.q1[c].y >> (4 * h)) & kNibbles};
+      int cc[4];
+      mma_k32_z(cc, a, act.b[j][0], act.b[j][1]);
+      const int s0 = byte_u(sc0[j >> 2], j & 3), s1 = byte_u(sc1[j >> 2], j & 3);
+      const float n0 = byte_f(m0[j >> 2], j & 3), n1 = byte_f(m1[j >> 2], j & 3);
+      acc[0] = fmaf(i2f_exact(cc[0] * s0), act.dx0[j], acc[0]);
+      acc[2] = fmaf(i2f_exact(cc[2] * s1), act.dx0[j], acc[2]);
+      accm[0] = fmaf(n0, act.dq0[j], accm[0]);
+      accm[2] = fmaf(n1, act.dq0[j], accm[2]);
+      acc[1] = fmaf(i2f_exact(cc[1] * s0), act.dx1[j], acc[1]);
+      acc[3] = fmaf(i2f_exact(cc[3] * s1), act.dx1[j], acc[3]);
+      accm[1] = fmaf(n0, act.dq1[j], accm[1]);
+      accm[3] = fmaf(n1, act.dq1[j], accm[3]);
+    }
+  }
+  const float d0 = h2f(w.h0.x), dmin0 = h2f(w.h0.x >> 16);
+  const float d1 = h2f(w.h1.x), dmin1 = h2f(w.h1.x >> 16);
+  r[0] = d0 * acc[0] - dmin0 * accm[0];
+  r[2] = d1 * acc[2] - dmin1 * accm[2];
+  r[1] = d0 * acc[1] - dmin0 * accm[1];
+  r[3] = d1 * acc[3] - dmin1 * accm[3];
+}
+
 // The fused norm: rms_norm_mul_q8_1 of the launch's batch rows, computed by this CTA into `act`
 // (Q8_1 rows, the bytes the standalone kernel writes; norm.cuh). Out of line: it runs once per CTA,
 // and inlining nine instantiations would crowd the main loop.
@@ -576,17 +776,7 @@ __global__ void __launch_bounds__(kThreads, 1) mat_vec_kernel(const __grid_const
   float* scratch = partials + static_cast<size_t>(p.max_tiles) * p.k_groups * 32 * 4 +
                    static_cast<size_t>(threadIdx.x >> 5) * kScratchFloats;
 
-  for (int i = threadIdx.x; i < n_tiles; i += kThreads) {
-    const int32_t tile = tile0 + i;
-    int s = 0;
-    while (s + 1 < p.n_seg && tile >= p.seg[s + 1].tile_begin) ++s;
-    TileInfo ti;
-    ti.seg = s;
-    ti.row0 = (tile - p.seg[s].tile_begin) * kTileRows;
-    ti.rows_valid = min(kTileRows, p.seg[s].rows - ti.row0);
-    ti.pad = 0;
-    tiles[i] = ti;
-  }
+  build_tile_table(p, tile0, n_tiles, tiles);
 
   // Bulk L2 prefetch of this CTA's weight bytes (capped), one chunk per lane of warp 0.
   if (warp == 0 && p.prefetch_cap != 0) {
@@ -673,44 +863,70 @@ __global__ void __launch_bounds__(kThreads, 1) mat_vec_kernel(const __grid_const
       case kQ6_K: if constexpr (kMask & 32) compute_item_typed<kQ6_K, kCols>(p, sd, ti, step, stage, scratch, act, lane, r); break;
       default: break;
     }
-    // Partial sums of (tile, K group): this warp owns the slot; its first step stores, later add.
-    float4* slot = reinterpret_cast<float4*>(partials) + (static_cast<size_t>(tl) * kg + kw) * 32 + lane;
-    float4 v = make_float4(r[0], r[1], r[2], r[3]);
-    if (cs != 0) {
-      const float4 o = *slot;
-      v.x += o.x; v.y += o.y; v.z += o.z; v.w += o.w;
-    }
-    *slot = v;
+    add_partial(partials, tl, kg, kw, lane, cs == 0, r);
     if (++ct == n_my_tiles) { ct = 0; ++cs; }
   }
   cp_async_wait<0>();
   __syncthreads();
 
-  // Sum each tile's K groups in order and store the tile's 16 rows x batch columns.
-  const int groups = min(kg, p.steps);
-  for (int q = threadIdx.x; q < n_tiles * 32; q += kThreads) {
-    const int32_t tl = q >> 5;
-    const int ln = q & 31;
-    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int w = 0; w < groups; ++w) {
-      const float4 v = reinterpret_cast<const float4*>(partials)[(static_cast<size_t>(tl) * kg + w) * 32 + ln];
-      sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
-    }
-    const TileInfo ti = tiles[tl];
-    const SegDesc& sd = p.seg[ti.seg];
-    const int gg = ln >> 2, tt = ln & 3;
-    const int32_t ra = ti.row0 + gg, rb = ti.row0 + gg + 8;
-    const int ca = 2 * tt, cb = ca + 1;
-    float* o = p.out + sd.col_begin;
-    if (ra < sd.rows) {
-      if (ca < p.batch) o[static_cast<int64_t>(ca) * p.n_out + ra] = sum.x;
-      if (cb < p.batch) o[static_cast<int64_t>(cb) * p.n_out + ra] = sum.y;
-    }
-    if (rb < sd.rows) {
-      if (ca < p.batch) o[static_cast<int64_t>(ca) * p.n_out + rb] = sum.z;
-      if (cb < p.batch) o[static_cast<int64_t>(cb) * p.n_out + rb] = sum.w;
+  store_tiles(p, tiles, partials, n_tiles);
+}
+
+// The Q4_K direct kernel: the staged kernel's work split (CTA tile ranges, K groups, partial slots,
+// store) with each warp's items loaded global -> registers, two items in flight (the first two issued
+// before the PDL wait, so they overlap the producer of x).
+__global__ void __launch_bounds__(kThreads, 1) mat_vec_q4k_direct_kernel(const __grid_constant__ Params p) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  allow_dependent_launch();
+
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int32_t tile0 = p.cta_tile[blockIdx.x];
+  const int32_t n_tiles = p.cta_tile[blockIdx.x + 1] - tile0;
+  if (n_tiles <= 0) return;
+
+  TileInfo* tiles = reinterpret_cast<TileInfo*>(smem);
+  float* partials = reinterpret_cast<float*>(smem + static_cast<size_t>(p.max_tiles) * sizeof(TileInfo));
+  build_tile_table(p, tile0, n_tiles, tiles);
+  __syncthreads();
+
+  const int kg_shift = __ffs(p.k_groups) - 1, tg_shift = __ffs(kWarps) - 1 - kg_shift;
+  const int kg = p.k_groups, tg = kWarps >> kg_shift;
+  const int kw = warp & (kg - 1), tw = warp >> kg_shift;
+  const int n_steps = kw < p.steps ? (p.steps - kw + kg - 1) >> kg_shift : 0;
+  const int n_my_tiles = tw < n_tiles ? (n_tiles - tw + tg - 1) >> tg_shift : 0;
+  const int n_items = n_steps * n_my_tiles;
+
+  int is = 0, it = 0;  // issue cursor (step index, tile index)
+  auto issue = [&](Q4KItem& w) {
+    load_q4k_item(p, tiles[tw + it * tg], kw + is * kg, lane, w);
+    if (++it == n_my_tiles) { it = 0; ++is; }
+  };
+  Q4KItem buf0, buf1;
+  if (n_items > 0) issue(buf0);
+  if (n_items > 1) issue(buf1);
+
+  grid_dependency_wait();
+
+  DirectAct act;
+  int cs = 0, ct = 0;  // compute cursor
+  auto compute = [&](const Q4KItem& w) {
+    if (ct == 0) load_direct_act(p, p.x, kw + cs * kg, lane, act);
+    float r[4];
+    compute_q4k_item(w, act, r);
+    add_partial(partials, tw + ct * tg, kg, kw, lane, cs == 0, r);
+    if (++ct == n_my_tiles) { ct = 0; ++cs; }
+  };
+  for (int j = 0; j < n_items; j += 2) {
+    compute(buf0);
+    if (j + 2 < n_items) issue(buf0);
+    if (j + 1 < n_items) {
+      compute(buf1);
+      if (j + 3 < n_items) issue(buf1);
     }
   }
+  __syncthreads();
+  store_tiles(p, tiles, partials, n_tiles);
 }
 
 // Tiles of the busiest CTA for a grid size (host copy of the kernel's split).
@@ -724,6 +940,21 @@ int max_tiles_for(const Params& p, int grid) {
   return max_tiles;
 }
 
+// K groups: the split of the 16 warps that gives the busiest warp the fewest items, within the shared
+// memory for partial sums; ties go to more K groups (fewer activation loads per warp).
+int best_k_groups(const Params& p) {
+  int best_kg = 1;
+  int64_t best_items = INT64_MAX;
+  for (int kg = kWarps; kg >= 1; kg /= 2) {
+    const int tg = kWarps / kg;
+    const int64_t items = static_cast<int64_t>((p.steps + kg - 1) / kg) * ((p.max_tiles + tg - 1) / tg);
+    const size_t partial_bytes = static_cast<size_t>(p.max_tiles) * kg * 32 * 16;
+    if (partial_bytes > kMaxPartialBytes && kg > 1) continue;
+    if (items < best_items) { best_items = items; best_kg = kg; }
+  }
+  return best_kg;
+}
+
 // Tuning knobs for experiments (docs/PERFORMANCE.md has the measurements), read once:
 // GGFUSE_MV_STAGES (2..4; default 2), GGFUSE_MV_KGROUPS (1..16, a power of two; default chosen per
 // launch), GGFUSE_MV_PREFETCH=1 (bulk L2 prefetch of each CTA's weights; default off: it measured
@@ -731,7 +962,8 @@ int max_tiles_for(const Params& p, int grid) {
 // default off: with PDL the separate norm kernel measured faster), GGFUSE_MV_DP4A (the largest
 // batch chunk that runs mat_vec_dp4a.cu's kernel for every type; 0: never; unset: the measured rule
 // above kDp4aAutoMaxBatch), GGFUSE_MV_STAGED (0/1: the dp4a kernel never / always stages its rows in
-// shared memory; unset: the measured rule above).
+// shared memory; unset: the measured rule above), GGFUSE_MV_DIRECT=0 (Q4_K-only weights take the staged
+// kernel instead of mat_vec_q4k_direct_kernel).
 struct Overrides {
   int stages = env_int("GGFUSE_MV_STAGES", 2);
   int k_groups = env_int("GGFUSE_MV_KGROUPS", 0);
@@ -739,6 +971,7 @@ struct Overrides {
   bool fused_norm = env_int("GGFUSE_FUSED_NORM", 0) != 0;
   int dp4a_forced = env_int("GGFUSE_MV_DP4A", -1);  // -1: the measured rule
   int staged_forced = env_int("GGFUSE_MV_STAGED", -1);  // -1: the measured rule
+  bool direct = env_int("GGFUSE_MV_DIRECT", 1) != 0;
 };
 const Overrides& overrides() {
   static const Overrides o;
@@ -769,18 +1002,7 @@ cudaError_t launch_cols(Params& p, int device, cudaStream_t stream) {
   size_t smem = 0;
   for (;;) {
     p.max_tiles = max_tiles_for(p, grid);
-    // K groups: the split of the 16 warps that gives the busiest warp the fewest items, within the
-    // shared memory for partial sums; ties go to more K groups (fewer activation loads per warp).
-    int best_kg = 1;
-    int64_t best_items = INT64_MAX;
-    for (int kg = kWarps; kg >= 1; kg /= 2) {
-      const int tg = kWarps / kg;
-      const int64_t items = static_cast<int64_t>((p.steps + kg - 1) / kg) * ((p.max_tiles + tg - 1) / tg);
-      const size_t partial_bytes = static_cast<size_t>(p.max_tiles) * kg * 32 * 16;
-      if (partial_bytes > kMaxPartialBytes && kg > 1) continue;
-      if (items < best_items) { best_items = items; best_kg = kg; }
-    }
-    p.k_groups = ov.k_groups > 0 ? ov.k_groups : best_kg;
+    p.k_groups = ov.k_groups > 0 ? ov.k_groups : best_k_groups(p);
     const size_t before_act = static_cast<size_t>(p.max_tiles) * sizeof(TileInfo) +
                               static_cast<size_t>(p.max_tiles) * p.k_groups * 32 * 16 +
                               static_cast<size_t>(kWarps) * kScratchFloats * sizeof(float);
@@ -820,6 +1042,33 @@ cudaError_t launch_cols(Params& p, int device, cudaStream_t stream) {
   return launch_kernel(mat_vec_kernel<kCols, kMask>, dim3(grid), dim3(kThreads), smem, stream, p);
 }
 
+// The Q4_K direct kernel: no stages, so shared memory holds only the tile table and partial slots.
+cudaError_t launch_direct(Params& p, int device, cudaStream_t stream) {
+  const Overrides& ov = overrides();
+  const int sms = std::max(1, device_attribute(device, cudaDevAttrMultiProcessorCount));
+  const int smem_optin = device_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  int grid = std::min({sms, p.total_tiles, kMaxGrid});
+  size_t smem = 0;
+  for (;;) {
+    p.max_tiles = max_tiles_for(p, grid);
+    p.k_groups = ov.k_groups > 0 ? ov.k_groups : best_k_groups(p);
+    smem = static_cast<size_t>(p.max_tiles) * sizeof(TileInfo) + static_cast<size_t>(p.max_tiles) * p.k_groups * 32 * 16;
+    if (smem <= static_cast<size_t>(smem_optin) || grid >= std::min(p.total_tiles, kMaxGrid)) break;
+    grid = std::min({p.total_tiles, grid * 2, kMaxGrid});
+  }
+  if (smem > static_cast<size_t>(smem_optin)) return cudaErrorInvalidConfiguration;
+  for (int c = 0; c <= grid; ++c) p.cta_tile[c] = first_tile_at(p, cta_cost_bound(p, c, grid));
+  static int smem_set[64] = {};
+  if (smem > 48 * 1024 && (device >= 64 || smem_set[device] < static_cast<int>(smem))) {
+    const cudaError_t err = cudaFuncSetAttribute(mat_vec_q4k_direct_kernel,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    if (device < 64) smem_set[device] = static_cast<int>(smem);
+  }
+  return launch_kernel(mat_vec_q4k_direct_kernel, dim3(grid), dim3(kThreads), smem, stream, p);
+}
+
 // The launch parameters common to both entry points; returns the type_bit set of the segments, or -1.
 int fill_params(Params& p, const uint8_t* weight, const SegmentTable& table, int64_t k, int64_t n_out) {
   p.weight = weight;
@@ -856,6 +1105,9 @@ int fill_params(Params& p, const uint8_t* weight, const SegmentTable& table, int
 
 cudaError_t launch_any(Params& p, int types, int device, cudaStream_t stream) {
   const bool one = p.batch == 1;  // a lone row takes the one-column kernel
+  if (types == type_bit(kQ4_K) && p.norm.x == nullptr && overrides().direct) {
+    return launch_direct(p, device, stream);
+  }
   if ((types & ~kMaskKQuants) == 0) {
     return one ? launch_cols<1, kMaskKQuants>(p, device, stream) : launch_cols<8, kMaskKQuants>(p, device, stream);
   }
