@@ -615,21 +615,29 @@ __device__ __forceinline__ void compute_item_typed(const Params& p, const SegDes
 // The epilogue keeps integers as long as it can. A sub-block j contributes
 //   d_x * (d * sc_j * sumi - dmin * m_j * sumq)      (decode.h dot_k_sub; d, dmin per row and block)
 // and the item's rows sum this over j = 0..7, so it is evaluated as
-//   d * sum_j d_x[j] * float(sc_j * sumi_j) - dmin * sum_j m_j * (d_x[j] * sumq_j)
-// where sc_j * sumi_j is one integer multiply-add (|sumi| <= 15 * 128 * 32, sc <= 63: below 2^22,
-// so i2f_exact converts it exactly) and d_x[j] * sumq_j depends on the column only (computed once per
-// K step with the activations). Three operations per element and sub-block, plus one for the mins.
+//   d * sum_j d_x[j] * float(sc_j * sumi_j)  -  dmin * sum_j m_j * (d_x[j] * sumq_j)
+//   * sc_j * sumi_j is one integer multiply-add (|sumi| <= 15 * 128 * 32, sc <= 63: below 2^22, so
+//     i2f_exact converts it exactly), then one FFMA per element and sub-block;
+//   * the min sum is a 16 x 8 by 8 x 8 product (rows x sub-blocks x columns) done on the tensor cores
+//     in TF32: m_j (<= 63) is exact in TF32, and the column factor d_x[j] * sumq_j (fp32, computed once
+//     per K step) goes in as two TF32 parts (hi + lo, 22 bits), so the product is good to ~2^-21.
 // The two forms are equal in exact arithmetic; in fp32 they round differently (well inside SPEC §5's
 // 1e-4), so this kernel's results are not bit-identical to the staged kernel's.
 
-// Activations of one K step in the direct layout: B fragments of column g, and for the epilogue
-// columns 2t and 2t+1 the Q8_1 scales d_x and d_x * sumq. Always 8 columns: at B = 1 the staged
-// kernel's one-column variant saves epilogue work, but B <= 2 runs the dp4a kernel by default.
+// Activations of one K step in the direct layout: B fragments of column g; the Q8_1 scales d_x of the
+// epilogue columns 2t and 2t+1; the min product's TF32 B fragments (d_x * sumq of column g, sub-blocks
+// t and t + 4, hi and lo parts). Always 8 columns: B <= 2 runs the dp4a kernel by default.
 struct DirectAct {
   uint32_t b[kStepBlocks][2];
-  float dx0[kStepBlocks], dq0[kStepBlocks];
-  float dx1[kStepBlocks], dq1[kStepBlocks];
+  float dx0[kStepBlocks], dx1[kStepBlocks];
+  uint32_t mb_hi[2], mb_lo[2];
 };
+
+__device__ __forceinline__ uint32_t tf32_round(float v) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
+  return r;
+}
 
 __device__ __forceinline__ void load_direct_act(const Params& p, const uint8_t* xq, int step, int lane,
                                                 DirectAct& act) {
@@ -647,14 +655,33 @@ __device__ __forceinline__ void load_direct_act(const Params& p, const uint8_t* 
     act.dx0[j] = h2f(lds32(x0 + j * kBQ));
     act.dx1[j] = h2f(lds32(x1 + j * kBQ));
   }
+  const float dxg_lo = h2f(lds32(xg + t * kBQ)), dxg_hi = h2f(lds32(xg + (t + 4) * kBQ));
+  // sumq of column g for blocks t and t + 4: each lane's 8 quants of the block, summed over the 4
+  // lanes of the group.
+  int sq_lo = 0, sq_hi = 0;
 #pragma unroll
   for (int j = 0; j < kStepBlocks; ++j) {
-    const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
-    int c[4];
-    mma_k32_z(c, ones, act.b[j][0], act.b[j][1]);  // every row: sum of column 2t's / 2t+1's quants
-    act.dq0[j] = act.dx0[j] * i2f_exact(c[0]);
-    act.dq1[j] = act.dx1[j] * i2f_exact(c[1]);
+    int s = __dp4a(static_cast<int>(act.b[j][0]), static_cast<int>(kOnes),
+                   __dp4a(static_cast<int>(act.b[j][1]), static_cast<int>(kOnes), 0));
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    if (j == t) sq_lo = s;
+    if (j == t + 4) sq_hi = s;
   }
+  const float q_lo = dxg_lo * i2f_exact(sq_lo), q_hi = dxg_hi * i2f_exact(sq_hi);
+  act.mb_hi[0] = tf32_round(q_lo);
+  act.mb_lo[0] = tf32_round(q_lo - __uint_as_float(act.mb_hi[0]));
+  act.mb_hi[1] = tf32_round(q_hi);
+  act.mb_lo[1] = tf32_round(q_hi - __uint_as_float(act.mb_hi[1]));
+}
+
+// D = A * B + C in TF32 (m16n8k8): A 16 x 8 (a0 row g k t, a1 row g+8 k t, a2 row g k t+4, a3 row g+8
+// k t+4), B 8 x 8 (b0 k t col g, b1 k t+4 col g), C / D as the int8 MMA's.
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // One item's weight bytes as lane (g, t) needs them: headers (d, dmin, scales) of rows g and g + 8,
@@ -676,15 +703,21 @@ __device__ __forceinline__ uint4 ldg16_stream(const uint8_t* p) {
   return v;
 }
 
+// A tile as the direct kernel reads it: where its row 0 starts, the row stride, the rows it has.
+struct DirectTile {
+  const uint8_t* row0;
+  int32_t row_bytes;
+  int32_t rows_valid;
+};
+
 // Rows past the end of the segment (its last tile) read the tile's last valid row instead: nothing
 // outside the segment is touched, and store_tiles drops those rows.
-__device__ __forceinline__ void load_q4k_item(const Params& p, const TileInfo& ti, int step, int lane, Q4KItem& w) {
-  const SegDesc& sd = p.seg[ti.seg];
+__device__ __forceinline__ void load_q4k_item(const DirectTile& dt, int step, int lane, Q4KItem& w) {
   const int g = lane >> 2, t = lane & 3;
-  const int ra = min(g, ti.rows_valid - 1), rb = min(g + 8, ti.rows_valid - 1);
-  const uint8_t* base = p.weight + sd.byte_offset + static_cast<int64_t>(step) * sizeof(BlockQ4_K);
-  const uint8_t* r0 = base + static_cast<int64_t>(ti.row0 + ra) * sd.row_bytes;
-  const uint8_t* r1 = base + static_cast<int64_t>(ti.row0 + rb) * sd.row_bytes;
+  const int ra = min(g, dt.rows_valid - 1), rb = min(g + 8, dt.rows_valid - 1);
+  const uint8_t* base = dt.row0 + step * static_cast<int>(sizeof(BlockQ4_K));
+  const uint8_t* r0 = base + static_cast<int64_t>(ra) * dt.row_bytes;
+  const uint8_t* r1 = base + static_cast<int64_t>(rb) * dt.row_bytes;
   w.h0 = ldg16_stream(r0);
   w.h1 = ldg16_stream(r1);
 #pragma unroll
@@ -703,17 +736,16 @@ __device__ __forceinline__ void unpack_k_scales(const uint4& h, uint32_t (&sc)[2
   m[1] = ((h.w >> 4) & 0x0F0F0F0Fu) | ((h.z >> 2) & 0x30303030u);
 }
 __device__ __forceinline__ int byte_u(uint32_t w, int i) { return static_cast<int>(__byte_perm(w, 0u, 0x4440u + i)); }
-// Byte i of w as a float (exactly: 2^23 + byte, less 2^23).
-__device__ __forceinline__ float byte_f(uint32_t w, int i) {
-  return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7650u + i)) - 8388608.0f;
-}
 
 // r[0..3] = (row g, col 2t), (row g, col 2t+1), (row g+8, col 2t), (row g+8, col 2t+1).
-__device__ __forceinline__ void compute_q4k_item(const Q4KItem& w, const DirectAct& act, float (&r)[4]) {
+// m_sel: __byte_perm selector that puts byte t of a word under the exponent of 2^23 (the lane's
+// sub-blocks t and t + 4 of the min product).
+__device__ __forceinline__ void compute_q4k_item(const Q4KItem& w, const DirectAct& act, uint32_t m_sel,
+                                                 float (&r)[4]) {
   uint32_t sc0[2], m0[2], sc1[2], m1[2];
   unpack_k_scales(w.h0, sc0, m0);
   unpack_k_scales(w.h1, sc1, m1);
-  float acc[4] = {0.f, 0.f, 0.f, 0.f}, accm[4] = {0.f, 0.f, 0.f, 0.f};
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
 #pragma unroll
@@ -724,22 +756,25 @@ __device__ __forceinline__ void compute_q4k_item(const Q4KItem& w, const DirectA
       int cc[4];
       mma_k32_z(cc, a, act.b[j][0], act.b[j][1]);
       const int s0 = byte_u(sc0[j >> 2], j & 3), s1 = byte_u(sc1[j >> 2], j & 3);
-      const float n0 = byte_f(m0[j >> 2], j & 3), n1 = byte_f(m1[j >> 2], j & 3);
       acc[0] = fmaf(i2f_exact(cc[0] * s0), act.dx0[j], acc[0]);
-      acc[2] = fmaf(i2f_exact(cc[2] * s1), act.dx0[j], acc[2]);
-      accm[0] = fmaf(n0, act.dq0[j], accm[0]);
-      accm[2] = fmaf(n1, act.dq0[j], accm[2]);
       acc[1] = fmaf(i2f_exact(cc[1] * s0), act.dx1[j], acc[1]);
+      acc[2] = fmaf(i2f_exact(cc[2] * s1), act.dx0[j], acc[2]);
       acc[3] = fmaf(i2f_exact(cc[3] * s1), act.dx1[j], acc[3]);
-      accm[1] = fmaf(n0, act.dq1[j], accm[1]);
-      accm[3] = fmaf(n1, act.dq1[j], accm[3]);
     }
   }
+  // The mins: A = m of rows g, g + 8 at sub-blocks t, t + 4 (as floats: TF32-exact).
+  const uint32_t am[4] = {__float_as_uint(__uint_as_float(__byte_perm(m0[0], 0x4B000000u, m_sel)) - 8388608.0f),
+                          __float_as_uint(__uint_as_float(__byte_perm(m1[0], 0x4B000000u, m_sel)) - 8388608.0f),
+                          __float_as_uint(__uint_as_float(__byte_perm(m0[1], 0x4B000000u, m_sel)) - 8388608.0f),
+                          __float_as_uint(__uint_as_float(__byte_perm(m1[1], 0x4B000000u, m_sel)) - 8388608.0f)};
+  float accm[4] = {0.f, 0.f, 0.f, 0.f};
+  mma_tf32(accm, am, act.mb_hi[0], act.mb_hi[1]);
+  mma_tf32(accm, am, act.mb_lo[0], act.mb_lo[1]);
   const float d0 = h2f(w.h0.x), dmin0 = h2f(w.h0.x >> 16);
   const float d1 = h2f(w.h1.x), dmin1 = h2f(w.h1.x >> 16);
   r[0] = d0 * acc[0] - dmin0 * accm[0];
-  r[2] = d1 * acc[2] - dmin1 * accm[2];
   r[1] = d0 * acc[1] - dmin0 * accm[1];
+  r[2] = d1 * acc[2] - dmin1 * accm[2];
   r[3] = d1 * acc[3] - dmin1 * accm[3];
 }
 
@@ -886,8 +921,19 @@ __global__ void __launch_bounds__(kThreads, 1) mat_vec_q4k_direct_kernel(const _
   if (n_tiles <= 0) return;
 
   TileInfo* tiles = reinterpret_cast<TileInfo*>(smem);
-  float* partials = reinterpret_cast<float*>(smem + static_cast<size_t>(p.max_tiles) * sizeof(TileInfo));
+  DirectTile* dtiles = reinterpret_cast<DirectTile*>(smem + static_cast<size_t>(p.max_tiles) * sizeof(TileInfo));
+  float* partials = reinterpret_cast<float*>(smem + static_cast<size_t>(p.max_tiles) * (sizeof(TileInfo) + sizeof(DirectTile)));
   build_tile_table(p, tile0, n_tiles, tiles);
+  __syncthreads();
+  for (int i = threadIdx.x; i < n_tiles; i += blockDim.x) {
+    const TileInfo ti = tiles[i];
+    const SegDesc& sd = p.seg[ti.seg];
+    DirectTile dt;
+    dt.row0 = p.weight + sd.byte_offset + static_cast<int64_t>(ti.row0) * sd.row_bytes;
+    dt.row_bytes = static_cast<int32_t>(sd.row_bytes);  // Q4_K rows: K / 256 * 144 bytes, K <= 2^30
+    dt.rows_valid = ti.rows_valid;
+    dtiles[i] = dt;
+  }
   __syncthreads();
 
   const int kg_shift = __ffs(p.k_groups) - 1, tg_shift = __ffs(kWarps) - 1 - kg_shift;
@@ -899,7 +945,7 @@ __global__ void __launch_bounds__(kThreads, 1) mat_vec_q4k_direct_kernel(const _
 
   int is = 0, it = 0;  // issue cursor (step index, tile index)
   auto issue = [&](Q4KItem& w) {
-    load_q4k_item(p, tiles[tw + it * tg], kw + is * kg, lane, w);
+    load_q4k_item(dtiles[tw + it * tg], kw + is * kg, lane, w);
     if (++it == n_my_tiles) { it = 0; ++is; }
   };
   Q4KItem buf0, buf1;
@@ -908,12 +954,13 @@ __global__ void __launch_bounds__(kThreads, 1) mat_vec_q4k_direct_kernel(const _
 
   grid_dependency_wait();
 
+  const uint32_t m_sel = 0x7650u + static_cast<uint32_t>(lane & 3);
   DirectAct act;
   int cs = 0, ct = 0;  // compute cursor
   auto compute = [&](const Q4KItem& w) {
     if (ct == 0) load_direct_act(p, p.x, kw + cs * kg, lane, act);
     float r[4];
-    compute_q4k_item(w, act, r);
+    compute_q4k_item(w, act, m_sel, r);
     add_partial(partials, tw + ct * tg, kg, kw, lane, cs == 0, r);
     if (++ct == n_my_tiles) { ct = 0; ++cs; }
   };
@@ -1042,7 +1089,7 @@ cudaError_t launch_cols(Params& p, int device, cudaStream_t stream) {
   return launch_kernel(mat_vec_kernel<kCols, kMask>, dim3(grid), dim3(kThreads), smem, stream, p);
 }
 
-// The Q4_K direct kernel: no stages, so shared memory holds only the tile table and partial slots.
+// The Q4_K direct kernel: no stages, so shared memory holds only the tile tables and partial slots.
 cudaError_t launch_direct(Params& p, int device, cudaStream_t stream) {
   const Overrides& ov = overrides();
   const int sms = std::max(1, device_attribute(device, cudaDevAttrMultiProcessorCount));
@@ -1052,7 +1099,8 @@ cudaError_t launch_direct(Params& p, int device, cudaStream_t stream) {
   for (;;) {
     p.max_tiles = max_tiles_for(p, grid);
     p.k_groups = ov.k_groups > 0 ? ov.k_groups : best_k_groups(p);
-    smem = static_cast<size_t>(p.max_tiles) * sizeof(TileInfo) + static_cast<size_t>(p.max_tiles) * p.k_groups * 32 * 16;
+    smem = static_cast<size_t>(p.max_tiles) * (sizeof(TileInfo) + sizeof(DirectTile)) +
+           static_cast<size_t>(p.max_tiles) * p.k_groups * 32 * 16;
     if (smem <= static_cast<size_t>(smem_optin) || grid >= std::min(p.total_tiles, kMaxGrid)) break;
     grid = std::min({p.total_tiles, grid * 2, kMaxGrid});
   }
