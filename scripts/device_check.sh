@@ -15,7 +15,8 @@
 #   SKIP_CPU_TESTS=1 (only tests/test_cuda.py),
 #   GGFUSE_BUILD_CXX (host compiler for the build; on the lent image CXX=/opt/gcc/bin/g++ produced a
 #   _C.so that crashed formatting error messages, /usr/bin/g++ did not),
-#   PYTEST_ARGS (extra pytest arguments), GGFUSE_CUDA_ARCHS (default 90).
+#   PYTEST_ARGS (extra pytest arguments), GGFUSE_CUDA_ARCHS (default 90), VARIANTS (the names of the
+#   off-by-default kernel stages to run, e.g. "pytest-cuda-mma-only"; default all).
 # The carried folders: .whl (gguf wheel) and .testdata (a copy of ../shared/testdata).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -108,6 +109,8 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   stage_end pytest-cuda $rc
   # Reruns of CUDA tests with a kernel choice that is off by default: NAME, "ENV=VALUE ...", a -k filter.
   cuda_variant_stage() {
+    # VARIANTS="name ...": run only these (default: all)
+    if [ -n "${VARIANTS:-}" ] && [[ " $VARIANTS " != *" $1 "* ]]; then return 0; fi
     stage_start
     # shellcheck disable=SC2086
     (cd /tmp && env $2 GGFUSE_REQUIRE_CUDA=1 timeout 120 python3 -m pytest "$REPO/tests/test_cuda.py" \
