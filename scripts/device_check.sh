@@ -134,6 +134,8 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # kernels at every batch (the dp4a kernel never), so the direct kernel also runs B = 1 and 2.
   cuda_variant_stage pytest-cuda-mma-staged GGFUSE_MV_DIRECT=0 "mat_vec or graph or compile"
   cuda_variant_stage pytest-cuda-mma-only GGFUSE_MV_DP4A=0 "mat_vec or graph or compile"
+  # the direct kernel with one slot per warp (every item refills the slot: the ring's reuse path)
+  cuda_variant_stage pytest-cuda-direct-one-slot GGFUSE_MV_STAGES=1 "mat_vec or graph or compile"
   [ "${SKIP_CPU_TESTS:-0}" = 1 ] || { stage_start
   (cd /tmp && GGFUSE_REQUIRE_CUDA=1 timeout 240 python3 -m pytest "$REPO/tests" -q -p no:cacheprovider \
      --ignore "$REPO/tests/test_cuda.py" -rfE >>"$OUT/pytest.log" 2>&1)

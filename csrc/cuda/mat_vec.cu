@@ -132,14 +132,15 @@ struct Params {
   int32_t x_blocks;       // K / 32
   int32_t batch;          // 1..8
   int32_t n_out;
-  int32_t stages;         // 2..4
+  int32_t stages;         // 2..4 (staged kernel); slots per warp, 1..8 (direct kernel)
   int32_t stage_bytes;    // one stage of one warp: 16 * max row stride of the launch's types
   int32_t max_tiles;      // most tiles any CTA gets (sizes the tile table and partial slots)
   int32_t k_groups;       // warps that split K (16 / k_groups tile groups)
   uint32_t prefetch_cap;  // bytes of L2 prefetch per CTA (0: off)
   // Fused norm (rms_norm_mat_vec_q8_1): every CTA turns x into the Q8_1 rows itself, in shared memory.
   NormArgs norm;          // norm.x: [batch, K] to normalize here, or null: x above holds the Q8_1 rows
-  int32_t act_offset;     // shared-memory byte offset of the Q8_1 rows the CTA's norm writes
+  int32_t act_offset;     // shared-memory byte offset of the Q8_1 rows the CTA's norm writes (staged
+                          // kernel), or of the warps' slot rings (direct kernel)
 };
 
 struct TileInfo {
@@ -684,25 +685,6 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// One item's weight bytes as lane (g, t) needs them: headers (d, dmin, scales) of rows g and g + 8,
-// and bytes 8t..8t+7 of each 32-byte run of their qs.
-struct Q4KItem {
-  uint4 h0, h1;
-  uint2 q0[4], q1[4];
-};
-
-__device__ __forceinline__ uint2 ldg8_stream(const uint8_t* p) {
-  uint2 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
-  return v;
-}
-__device__ __forceinline__ uint4 ldg16_stream(const uint8_t* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-
 // A tile as the direct kernel reads it: where its row 0 starts, the row stride, the rows it has.
 struct DirectTile {
   const uint8_t* row0;
@@ -710,20 +692,47 @@ struct DirectTile {
   int32_t rows_valid;
 };
 
-// Rows past the end of the segment (its last tile) read the tile's last valid row instead: nothing
-// outside the segment is touched, and store_tiles drops those rows.
-__device__ __forceinline__ void load_q4k_item(const DirectTile& dt, int step, int lane, Q4KItem& w) {
-  const int g = lane >> 2, t = lane & 3;
-  const int ra = min(g, dt.rows_valid - 1), rb = min(g + 8, dt.rows_valid - 1);
+// Each warp's items go through a ring of shared-memory slots, all issued up front when they fit (a
+// fused QKV layer: 3 items per warp), so the CTA's whole share of the weights is requested before the
+// PDL wait. Rows are 160 bytes apart in a slot (the 144-byte block + 16): the 8-byte fragment reads of
+// rows g = 0..7 then fall in distinct banks.
+constexpr int kDirectRowStride = 160;
+constexpr int kDirectSlotBytes = kTileRows * kDirectRowStride;
+constexpr int kDirectMaxSlots = 8;
+constexpr int kQ4KGranules = kTileRows * static_cast<int>(sizeof(BlockQ4_K)) / 16;  // 144 per item
+
+// Rows past the end of the segment (its last tile) copy the tile's last valid row instead: nothing
+// outside the segment is read, and store_tiles drops those rows.
+__device__ __forceinline__ void stage_q4k_item(const DirectTile& dt, int step, int lane, uint8_t* slot) {
+  constexpr int kRowGranules = static_cast<int>(sizeof(BlockQ4_K)) / 16;  // 9
   const uint8_t* base = dt.row0 + step * static_cast<int>(sizeof(BlockQ4_K));
-  const uint8_t* r0 = base + static_cast<int64_t>(ra) * dt.row_bytes;
-  const uint8_t* r1 = base + static_cast<int64_t>(rb) * dt.row_bytes;
-  w.h0 = ldg16_stream(r0);
-  w.h1 = ldg16_stream(r1);
+#pragma unroll
+  for (int k = 0; k < (kQ4KGranules + 31) / 32; ++k) {
+    const int i = lane + 32 * k;
+    if (i < kQ4KGranules) {
+      const int r = i / kRowGranules, c = i - kRowGranules * r;
+      const int rr = min(r, dt.rows_valid - 1);
+      cp_async_16(slot + r * kDirectRowStride + 16 * c, base + static_cast<int64_t>(rr) * dt.row_bytes + 16 * c);
+    }
+  }
+}
+
+// Lane (g, t)'s view of an item: headers (d, dmin, scales) of rows g and g + 8, and bytes 8t..8t+7 of
+// each 32-byte run of their qs.
+struct Q4KItem {
+  uint4 h0, h1;
+  uint2 q0[4], q1[4];
+};
+__device__ __forceinline__ void read_q4k_item(const uint8_t* slot, int lane, Q4KItem& w) {
+  const int g = lane >> 2, t = lane & 3;
+  const uint8_t* r0 = slot + g * kDirectRowStride;
+  const uint8_t* r1 = r0 + 8 * kDirectRowStride;
+  w.h0 = *reinterpret_cast<const uint4*>(r0);
+  w.h1 = *reinterpret_cast<const uint4*>(r1);
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
-    w.q0[c] = ldg8_stream(r0 + 16 + 32 * c + 8 * t);
-    w.q1[c] = ldg8_stream(r1 + 16 + 32 * c + 8 * t);
+    w.q0[c] = *reinterpret_cast<const uint2*>(r0 + 16 + 32 * c + 8 * t);
+    w.q1[c] = *reinterpret_cast<const uint2*>(r1 + 16 + 32 * c + 8 * t);
   }
 }
 
@@ -908,8 +917,8 @@ __global__ void __launch_bounds__(kThreads, 1) mat_vec_kernel(const __grid_const
 }
 
 // The Q4_K direct kernel: the staged kernel's work split (CTA tile ranges, K groups, partial slots,
-// store) with each warp's items loaded global -> registers, two items in flight (the first two issued
-// before the PDL wait, so they overlap the producer of x).
+// store); each warp's items go through its ring of p.stages slots, the first p.stages issued before
+// the PDL wait, so they overlap the producer of x.
 __global__ void __launch_bounds__(kThreads, 1) mat_vec_q4k_direct_kernel(const __grid_constant__ Params p) {
   extern __shared__ __align__(16) uint8_t smem[];
   allow_dependent_launch();
@@ -944,34 +953,39 @@ __global__ void __launch_bounds__(kThreads, 1) mat_vec_q4k_direct_kernel(const _
   const int n_items = n_steps * n_my_tiles;
 
   int is = 0, it = 0;  // issue cursor (step index, tile index)
-  auto issue = [&](Q4KItem& w) {
-    load_q4k_item(dtiles[tw + it * tg], kw + is * kg, lane, w);
+  const int slots = p.stages;
+  uint8_t* ring = smem + p.act_offset + static_cast<size_t>(warp) * slots * kDirectSlotBytes;
+  auto issue = [&](uint8_t* slot) {
+    stage_q4k_item(dtiles[tw + it * tg], kw + is * kg, lane, slot);
     if (++it == n_my_tiles) { it = 0; ++is; }
   };
-  Q4KItem buf0, buf1;
-  if (n_items > 0) issue(buf0);
-  if (n_items > 1) issue(buf1);
+  for (int j = 0; j < slots; ++j) {
+    if (j < n_items) issue(ring + j * kDirectSlotBytes);
+    cp_async_commit();
+  }
 
   grid_dependency_wait();
 
   const uint32_t m_sel = 0x7650u + static_cast<uint32_t>(lane & 3);
   DirectAct act;
   int cs = 0, ct = 0;  // compute cursor
-  auto compute = [&](const Q4KItem& w) {
+  int slot = 0;
+  for (int j = 0; j < n_items; ++j) {
+    cp_async_wait_dyn(slots - 1);  // item j's group has landed (slots - 1 newer ones may be pending)
+    __syncwarp();                  // ... for every lane's copies
     if (ct == 0) load_direct_act(p, p.x, kw + cs * kg, lane, act);
+    Q4KItem w;
+    read_q4k_item(ring + slot * kDirectSlotBytes, lane, w);
     float r[4];
     compute_q4k_item(w, act, m_sel, r);
     add_partial(partials, tw + ct * tg, kg, kw, lane, cs == 0, r);
     if (++ct == n_my_tiles) { ct = 0; ++cs; }
-  };
-  for (int j = 0; j < n_items; j += 2) {
-    compute(buf0);
-    if (j + 2 < n_items) issue(buf0);
-    if (j + 1 < n_items) {
-      compute(buf1);
-      if (j + 3 < n_items) issue(buf1);
-    }
+    __syncwarp();  // every lane has read the slot before it is refilled
+    if (j + slots < n_items) issue(ring + slot * kDirectSlotBytes);
+    cp_async_commit();
+    if (++slot == slots) slot = 0;
   }
+  cp_async_wait<0>();
   __syncthreads();
   store_tiles(p, tiles, partials, n_tiles);
 }
@@ -1013,6 +1027,7 @@ int best_k_groups(const Params& p) {
 // kernel instead of mat_vec_q4k_direct_kernel).
 struct Overrides {
   int stages = env_int("GGFUSE_MV_STAGES", 2);
+  bool stages_set = std::getenv("GGFUSE_MV_STAGES") != nullptr;
   int k_groups = env_int("GGFUSE_MV_KGROUPS", 0);
   bool prefetch = env_int("GGFUSE_MV_PREFETCH", 0) != 0;
   bool fused_norm = env_int("GGFUSE_FUSED_NORM", 0) != 0;
@@ -1099,12 +1114,22 @@ cudaError_t launch_direct(Params& p, int device, cudaStream_t stream) {
   for (;;) {
     p.max_tiles = max_tiles_for(p, grid);
     p.k_groups = ov.k_groups > 0 ? ov.k_groups : best_k_groups(p);
-    smem = static_cast<size_t>(p.max_tiles) * (sizeof(TileInfo) + sizeof(DirectTile)) +
-           static_cast<size_t>(p.max_tiles) * p.k_groups * 32 * 16;
-    if (smem <= static_cast<size_t>(smem_optin) || grid >= std::min(p.total_tiles, kMaxGrid)) break;
+    const size_t fixed = static_cast<size_t>(p.max_tiles) * (sizeof(TileInfo) + sizeof(DirectTile)) +
+                         static_cast<size_t>(p.max_tiles) * p.k_groups * 32 * 16;
+    // Slots per warp: every item of the busiest warp when they fit (all requested before the wait),
+    // else as many as fit (GGFUSE_MV_STAGES caps them).
+    const int tg = kWarps / p.k_groups;
+    const int64_t items = static_cast<int64_t>((p.steps + p.k_groups - 1) / p.k_groups) * ((p.max_tiles + tg - 1) / tg);
+    const size_t per_slot = static_cast<size_t>(kWarps) * kDirectSlotBytes;
+    const size_t room = smem_optin > static_cast<int>(fixed) ? smem_optin - fixed : 0;
+    const int cap = ov.stages_set ? std::clamp(ov.stages, 1, kDirectMaxSlots) : kDirectMaxSlots;
+    p.stages = static_cast<int32_t>(std::min<int64_t>({items, cap, static_cast<int64_t>(room / per_slot)}));
+    p.act_offset = static_cast<int32_t>(fixed);  // the slots follow the tables and partial slots
+    smem = fixed + per_slot * std::max(p.stages, 1);
+    if (p.stages >= std::min<int64_t>(items, 2) || grid >= std::min(p.total_tiles, kMaxGrid)) break;
     grid = std::min({p.total_tiles, grid * 2, kMaxGrid});
   }
-  if (smem > static_cast<size_t>(smem_optin)) return cudaErrorInvalidConfiguration;
+  if (p.stages < 1 || smem > static_cast<size_t>(smem_optin)) return cudaErrorInvalidConfiguration;
   for (int c = 0; c <= grid; ++c) p.cta_tile[c] = first_tile_at(p, cta_cost_bound(p, c, grid));
   static int smem_set[64] = {};
   if (smem > 48 * 1024 && (device >= 64 || smem_set[device] < static_cast<int>(smem))) {
