@@ -27,7 +27,10 @@
 //     shared memory, in the standalone norm kernel's order); with PDL the separate norm kernel
 //     measured faster, so that is behind GGFUSE_FUSED_NORM=1.
 // Batches above 8 are processed 8 rows per launch. Chunks of <= 2 rows of Q4_K-only weights go to the
-// dp4a kernel instead (mat_vec_dp4a.cu), where it measured faster.
+// dp4a kernel instead (mat_vec_dp4a.cu), where it measured faster. Larger chunks of Q4_K-only weights
+// run mat_vec_q4k_direct_kernel: the same work split and MMA, with fragments read at the lanes' own
+// offsets from 160-byte padded rows, the min term on the tensor cores (TF32) and an integer-scaled
+// epilogue: ~380 instead of ~540 instructions per item (its section below has the details).
 #include <algorithm>
 #include <cstdlib>
 
@@ -692,9 +695,8 @@ struct DirectTile {
   int32_t rows_valid;
 };
 
-// Each warp's items go through a ring of shared-memory slots, all issued up front when they fit (a
-// fused QKV layer: 3 items per warp), so the CTA's whole share of the weights is requested before the
-// PDL wait. Rows are 160 bytes apart in a slot (the 144-byte block + 16): the 8-byte fragment reads of
+// Each warp's items go through a ring of shared-memory slots (cp.async, 16-byte granules), the first
+// ones issued before the PDL wait. Rows are 160 bytes apart in a slot (the 144-byte block + 16): the 8-byte fragment reads of
 // rows g = 0..7 then fall in distinct banks.
 constexpr int kDirectRowStride = 160;
 constexpr int kDirectSlotBytes = kTileRows * kDirectRowStride;
@@ -1017,8 +1019,8 @@ int best_k_groups(const Params& p) {
 }
 
 // Tuning knobs for experiments (docs/PERFORMANCE.md has the measurements), read once:
-// GGFUSE_MV_STAGES (2..4; default 2), GGFUSE_MV_KGROUPS (1..16, a power of two; default chosen per
-// launch), GGFUSE_MV_PREFETCH=1 (bulk L2 prefetch of each CTA's weights; default off: it measured
+// GGFUSE_MV_STAGES (2..4 stages of the staged kernel, 1..8 slots per warp of the direct one; default
+// 2), GGFUSE_MV_KGROUPS (1..16, a power of two; default chosen per launch), GGFUSE_MV_PREFETCH=1 (bulk L2 prefetch of each CTA's weights; default off: it measured
 // 13% slower), GGFUSE_FUSED_NORM=1 (rms_norm_mat_vec_q8_1 normalizes inside the mat-vec kernel;
 // default off: with PDL the separate norm kernel measured faster), GGFUSE_MV_DP4A (the largest
 // batch chunk that runs mat_vec_dp4a.cu's kernel for every type; 0: never; unset: the measured rule
@@ -1027,7 +1029,6 @@ int best_k_groups(const Params& p) {
 // kernel instead of mat_vec_q4k_direct_kernel).
 struct Overrides {
   int stages = env_int("GGFUSE_MV_STAGES", 2);
-  bool stages_set = std::getenv("GGFUSE_MV_STAGES") != nullptr;
   int k_groups = env_int("GGFUSE_MV_KGROUPS", 0);
   bool prefetch = env_int("GGFUSE_MV_PREFETCH", 0) != 0;
   bool fused_norm = env_int("GGFUSE_FUSED_NORM", 0) != 0;
@@ -1116,13 +1117,14 @@ cudaError_t launch_direct(Params& p, int device, cudaStream_t stream) {
     p.k_groups = ov.k_groups > 0 ? ov.k_groups : best_k_groups(p);
     const size_t fixed = static_cast<size_t>(p.max_tiles) * (sizeof(TileInfo) + sizeof(DirectTile)) +
                          static_cast<size_t>(p.max_tiles) * p.k_groups * 32 * 16;
-    // Slots per warp: every item of the busiest warp when they fit (all requested before the wait),
-    // else as many as fit (GGFUSE_MV_STAGES caps them).
+    // Slots per warp: GGFUSE_MV_STAGES (default 2), at most the busiest warp's items and what fits.
+    // Two measured best on the H200 (QKV B = 8 with norm: 12.48 us against 13.28 with all three of a
+    // warp's items in flight and 21.24 with one; gate|up 30.17 against 32.04 with 4 slots).
     const int tg = kWarps / p.k_groups;
     const int64_t items = static_cast<int64_t>((p.steps + p.k_groups - 1) / p.k_groups) * ((p.max_tiles + tg - 1) / tg);
     const size_t per_slot = static_cast<size_t>(kWarps) * kDirectSlotBytes;
     const size_t room = smem_optin > static_cast<int>(fixed) ? smem_optin - fixed : 0;
-    const int cap = ov.stages_set ? std::clamp(ov.stages, 1, kDirectMaxSlots) : kDirectMaxSlots;
+    const int cap = std::clamp(ov.stages, 1, kDirectMaxSlots);
     p.stages = static_cast<int32_t>(std::min<int64_t>({items, cap, static_cast<int64_t>(room / per_slot)}));
     p.act_offset = static_cast<int32_t>(fixed);  // the slots follow the tables and partial slots
     smem = fixed + per_slot * std::max(p.stages, 1);
