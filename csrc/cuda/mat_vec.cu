@@ -218,6 +218,28 @@ __device__ __forceinline__ void store_tiles(const Params& p, const TileInfo* til
   }
 }
 
+// This warp's share of the CTA's items: K steps kw, kw + kg, ... of tiles tw, tw + tg, ... (step-major,
+// so the activations of a step are loaded once for all the warp's tiles). k_groups is a power of two:
+// shifts and masks, not divisions.
+struct WarpShare {
+  int kg, tg;      // K groups, tile groups (kg * tg = kWarps)
+  int kw, tw;      // this warp's K group and tile group
+  int n_my_tiles;  // tiles of the CTA this warp visits at each of its steps
+  int n_items;     // (step, tile) items of this warp
+};
+__device__ __forceinline__ WarpShare warp_share(const Params& p, int warp, int32_t n_tiles) {
+  WarpShare w;
+  const int kg_shift = __ffs(p.k_groups) - 1, tg_shift = __ffs(kWarps) - 1 - kg_shift;
+  w.kg = p.k_groups;
+  w.tg = kWarps >> kg_shift;
+  w.kw = warp & (w.kg - 1);
+  w.tw = warp >> kg_shift;
+  const int n_steps = w.kw < p.steps ? (p.steps - w.kw + w.kg - 1) >> kg_shift : 0;
+  w.n_my_tiles = w.tw < n_tiles ? (n_tiles - w.tw + w.tg - 1) >> tg_shift : 0;
+  w.n_items = n_steps * w.n_my_tiles;
+  return w;
+}
+
 // Partial sums of (tile tl, K group kw) in the CTA's slots: the owning warp's first step stores,
 // later steps add (one writer per slot, a fixed order: deterministic).
 __device__ __forceinline__ void add_partial(float* partials, int32_t tl, int kg, int kw, int lane, bool first,
@@ -847,15 +869,8 @@ __global__ void __launch_bounds__(kThreads, 1) mat_vec_kernel(const __grid_const
   }
   __syncthreads();  // the tile table
 
-  // This warp: K steps kw, kw + kg, ... of tiles tw, tw + tg, ... (step-major, so the activations of
-  // a step are loaded once for all the warp's tiles).
-  // k_groups is a power of two: shifts and masks, not divisions.
-  const int kg_shift = __ffs(p.k_groups) - 1, tg_shift = __ffs(kWarps) - 1 - kg_shift;
-  const int kg = p.k_groups, tg = kWarps >> kg_shift;
-  const int kw = warp & (kg - 1), tw = warp >> kg_shift;
-  const int n_steps = kw < p.steps ? (p.steps - kw + kg - 1) >> kg_shift : 0;
-  const int n_my_tiles = tw < n_tiles ? (n_tiles - tw + tg - 1) >> tg_shift : 0;
-  const int n_items = n_steps * n_my_tiles;
+  const WarpShare ws = warp_share(p, warp, n_tiles);
+  const int kg = ws.kg, tg = ws.tg, kw = ws.kw, tw = ws.tw, n_my_tiles = ws.n_my_tiles, n_items = ws.n_items;
   uint8_t* stages = stage_base + static_cast<size_t>(warp) * p.stages * p.stage_bytes;
 
   // Prologue: weights of the first stages - 1 items, before waiting for the producer of x.
@@ -947,12 +962,8 @@ __global__ void __launch_bounds__(kThreads, 1) mat_vec_q4k_direct_kernel(const _
   }
   __syncthreads();
 
-  const int kg_shift = __ffs(p.k_groups) - 1, tg_shift = __ffs(kWarps) - 1 - kg_shift;
-  const int kg = p.k_groups, tg = kWarps >> kg_shift;
-  const int kw = warp & (kg - 1), tw = warp >> kg_shift;
-  const int n_steps = kw < p.steps ? (p.steps - kw + kg - 1) >> kg_shift : 0;
-  const int n_my_tiles = tw < n_tiles ? (n_tiles - tw + tg - 1) >> tg_shift : 0;
-  const int n_items = n_steps * n_my_tiles;
+  const WarpShare ws = warp_share(p, warp, n_tiles);
+  const int kg = ws.kg, tg = ws.tg, kw = ws.kw, tw = ws.tw, n_my_tiles = ws.n_my_tiles, n_items = ws.n_items;
 
   int is = 0, it = 0;  // issue cursor (step index, tile index)
   const int slots = p.stages;
@@ -1181,7 +1192,10 @@ int fill_params(Params& p, const uint8_t* weight, const SegmentTable& table, int
 cudaError_t launch_any(Params& p, int types, int device, cudaStream_t stream) {
   const bool one = p.batch == 1;  // a lone row takes the one-column kernel
   if (types == type_bit(kQ4_K) && p.norm.x == nullptr && overrides().direct) {
-    return launch_direct(p, device, stream);
+    // InvalidConfiguration: not even one slot per warp fits next to the partial sums (a CTA with a
+    // very large share of tiles); the staged kernel then gets its chance.
+    const cudaError_t err = launch_direct(p, device, stream);
+    if (err != cudaErrorInvalidConfiguration) return err;
   }
   if ((types & ~kMaskKQuants) == 0) {
     return one ? launch_cols<1, kMaskKQuants>(p, device, stream) : launch_cols<8, kMaskKQuants>(p, device, stream);
