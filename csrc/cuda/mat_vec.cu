@@ -30,7 +30,7 @@
 // dp4a kernel instead (mat_vec_dp4a.cu), where it measured faster. Larger chunks of Q4_K-only weights
 // run mat_vec_q4k_direct_kernel: the same work split and MMA, with fragments read at the lanes' own
 // offsets from 160-byte padded rows, the min term on the tensor cores (TF32) and an integer-scaled
-// epilogue: ~380 instead of ~540 instructions per item (its section below has the details).
+// epilogue, so fewer instructions per item (its section below has the details).
 #include <algorithm>
 #include <cstdlib>
 
@@ -632,12 +632,14 @@ __device__ __forceinline__ void compute_item_typed(const Params& p, const SegDes
 // The staged kernel above spends ~540 warp instructions per item (16 rows x 256 values), about half
 // of them moving bytes (cp.async issue, shared loads of weights and scales) and the rest on a float
 // epilogue of ~6 operations per output element and sub-block; at B = 8 it is issue-bound at 25% of the
-// read bandwidth (docs/PERFORMANCE.md). For Q4_K rows (16-byte aligned, one 144-byte block per K
-// step) nothing needs staging: lane (g, t) loads, for its rows g and g + 8, the 16-byte block header
-// and bytes 8t..8t+7 of each 32-byte run of qs, which after the nibble split are that lane's A
-// fragments of both sub-blocks of the run, under the k permutation "fragment k 4t..4t+3 = values
-// 8t..8t+3, k 16+4t..16+4t+3 = values 8t+4..8t+7" (any k permutation applied to A and B alike leaves
-// the product unchanged; the B fragments below follow it).
+// read bandwidth (docs/PERFORMANCE.md). Q4_K rows are 16-byte aligned with one 144-byte block per K
+// step, so an item is copied as whole granules into a slot of 160-byte rows, and lane (g, t) reads,
+// for its rows g and g + 8, the 16-byte block header and bytes 8t..8t+7 of each 32-byte run of qs:
+// after the nibble split these are that lane's A fragments of both sub-blocks of the run, under the k
+// permutation "fragment k 4t..4t+3 = values 8t..8t+3, k 16+4t..16+4t+3 = values 8t+4..8t+7" (any k
+// permutation applied to A and B alike leaves the product unchanged; the B fragments follow it). No
+// scale scratch, no word funnel shifts, no per-item warp barrier. (Loading the fragments straight
+// from global memory into registers measured slower: docs/PERFORMANCE.md v11.)
 // The epilogue keeps integers as long as it can. A sub-block j contributes
 //   d_x * (d * sc_j * sumi - dmin * m_j * sumq)      (decode.h dot_k_sub; d, dmin per row and block)
 // and the item's rows sum this over j = 0..7, so it is evaluated as
@@ -718,8 +720,8 @@ struct DirectTile {
 };
 
 // Each warp's items go through a ring of shared-memory slots (cp.async, 16-byte granules), the first
-// ones issued before the PDL wait. Rows are 160 bytes apart in a slot (the 144-byte block + 16): the 8-byte fragment reads of
-// rows g = 0..7 then fall in distinct banks.
+// ones issued before the PDL wait. Rows are 160 bytes apart in a slot (the 144-byte block + 16): the
+// 8-byte fragment reads of rows g = 0..7 then fall in distinct banks.
 constexpr int kDirectRowStride = 160;
 constexpr int kDirectSlotBytes = kTileRows * kDirectRowStride;
 constexpr int kDirectMaxSlots = 8;
