@@ -952,7 +952,7 @@ __global__ void __launch_bounds__(kThreads, 1) mat_vec_q4k_direct_kernel(const _
   DirectTile* dtiles = reinterpret_cast<DirectTile*>(smem + static_cast<size_t>(p.max_tiles) * sizeof(TileInfo));
   float* partials = reinterpret_cast<float*>(smem + static_cast<size_t>(p.max_tiles) * (sizeof(TileInfo) + sizeof(DirectTile)));
   build_tile_table(p, tile0, n_tiles, tiles);
-  __syncthreads();
+  // Each thread reads back only the entries it wrote itself (same i stride): no barrier needed here.
   for (int i = threadIdx.x; i < n_tiles; i += blockDim.x) {
     const TileInfo ti = tiles[i];
     const SegDesc& sd = p.seg[ti.seg];
