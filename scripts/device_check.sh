@@ -130,8 +130,9 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   cuda_variant_stage pytest-cuda-dp4a-forced GGFUSE_MV_DP4A=8 "mat_vec or graph or compile"
   cuda_variant_stage pytest-cuda-dp4a-unstaged "GGFUSE_MV_DP4A=8 GGFUSE_MV_STAGED=0" "mat_vec or graph or compile"
   cuda_variant_stage pytest-cuda-dp4a-staged "GGFUSE_MV_DP4A=8 GGFUSE_MV_STAGED=1" "mat_vec or graph or compile"
-  # the staged MMA kernel for Q4_K-only weights (by default mat_vec_q4k_direct_kernel), and the MMA
-  # kernels at every batch (the dp4a kernel never), so the direct kernel also runs B = 1 and 2.
+  # the staged MMA kernel for the weights the direct kernel takes by default (Q4_K, Q4_K + Q6_K,
+  # Q4_0 with K % 256 == 0), and the MMA kernels at every batch (the dp4a kernel never), so the
+  # direct kernel also runs B = 1 to 4.
   cuda_variant_stage pytest-cuda-mma-staged GGFUSE_MV_DIRECT=0 "mat_vec or graph or compile"
   cuda_variant_stage pytest-cuda-mma-only GGFUSE_MV_DP4A=0 "mat_vec or graph or compile"
   # the direct kernel with one slot per warp (every item refills the slot: the ring's reuse path)
@@ -148,7 +149,7 @@ fi
 # ---- SASS of the K-quant mat-vec kernels (SASS=1): what each item really costs ----
 if [ "${SASS:-0}" = 1 ]; then
   so=$(python3 -c 'import ggfuse, os; print(os.path.join(os.path.dirname(ggfuse.__file__), "_C.so"))')
-  cuobjdump -sass "$so" | awk '/Function : .*(mat_vec_kernelILi(1|8)ELi56E|mat_vec_q4k_direct_kernel)/{f=1} /Function : /&&!/(mat_vec_kernelILi(1|8)ELi56E|mat_vec_q4k_direct_kernel)/{f=0} f' >"$OUT/sass.txt"
+  cuobjdump -sass "$so" | awk '/Function : .*(mat_vec_kernelILi(1|8)ELi56E|mat_vec_direct_kernel)/{f=1} /Function : /&&!/(mat_vec_kernelILi(1|8)ELi56E|mat_vec_direct_kernel)/{f=0} f' >"$OUT/sass.txt"
   note "sass: $(wc -l <"$OUT/sass.txt") lines"
 fi
 
@@ -175,7 +176,7 @@ PYEOF
      --metrics smsp__inst_executed.sum,smsp__sass_inst_executed_op_shared_ld.sum,smsp__sass_inst_executed_op_global_ld.sum,smsp__sass_inst_executed_op_local_ld.sum \
      python3 /tmp/profile_ops.py >"$OUT/ncu.txt" 2>&1)
   rc=$?
-  grep -E "mat_vec_kernel|mat_vec_q4k_direct|rms_norm_q8_1|Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Issued Warp Per|No Eligible|Stall" "$OUT/ncu.txt" | head -80 >>"$SUMMARY"
+  grep -E "mat_vec_kernel|mat_vec_direct|rms_norm_q8_1|Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Issued Warp Per|No Eligible|Stall" "$OUT/ncu.txt" | head -80 >>"$SUMMARY"
   stage_end ncu $rc
 fi
 
@@ -201,7 +202,7 @@ for t in (T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K):
     ggfuse.dequantize(torch.from_numpy(blocks(t, 5, 512)).to(dev), t)
 specs = [[(T.Q4_K, 33), (T.Q6_K, 17)], [(T.Q4_0, 19), (T.Q5_0, 3), (T.Q8_0, 5), (T.Q5_K, 2), (T.Q6_K, 3)], [(T.Q6_K, 3)]]
 for k, spec in [(512, specs[0]), (96 * 32, specs[0]), (512, specs[1]), (5120, specs[2]), (96, [(T.Q4_0, 7), (T.Q8_0, 3)]),
-                (8192, [(T.Q4_K, 5), (T.Q6_K, 3)]), (4096, [(T.Q4_K, 20)])]:
+                (8192, [(T.Q4_K, 5), (T.Q6_K, 3)]), (4096, [(T.Q4_K, 20)]), (512, [(T.Q4_0, 21)])]:
     if k % 256 and any(t in (T.Q4_K, T.Q5_K, T.Q6_K) for t, _ in spec):
         continue
     pieces, offs, total = [], [], 0
@@ -221,7 +222,7 @@ EOF
   stage_start
   : >"$OUT/sanitizer.log"
   for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
-    # the default kernels with the MMA kernel's norm, the Q4_K direct kernel with one slot per warp
+    # the default kernels with the MMA kernel's norm, the direct kernel with one slot per warp
     # (every item reuses the slot), the dp4a kernel staged (where the rows fit) for every type, then
     # the streaming kernel (with its norm); SANITIZER_CONFIGS overrides the list
     for cfg in ${SANITIZER_CONFIGS:-GGFUSE_FUSED_NORM=1 GGFUSE_MV_STAGES=1 GGFUSE_MV_DP4A=8,GGFUSE_MV_STAGED=1 GGFUSE_MV_STREAM=8}; do

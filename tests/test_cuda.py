@@ -212,6 +212,21 @@ def test_mat_vec_q4_k_segments_batches(poison_outputs, batch, k):
                        else [(T.Q4_K, 64), (T.Q4_K, 5), (T.Q4_K, 33)], k, batch)
 
 
+@pytest.mark.parametrize("batch", [5, 8, 11])
+@pytest.mark.parametrize("k", [256, 4096, 5120])
+@pytest.mark.parametrize("types", [(T.Q4_K, T.Q6_K), (T.Q6_K, T.Q6_K), (T.Q4_0, T.Q4_0)],
+                         ids=["q4k_q6k", "q6k", "q4_0"])
+def test_mat_vec_direct_kernel_types(poison_outputs, types, k, batch):
+    # Q4_K + Q6_K and Q4_0-only weights above the dp4a kernel's batches take the direct MMA kernel:
+    # Q6_K rows at every even offset of a granule (K = 5120: 4200-byte rows), a last segment that ends
+    # off a 16-byte boundary (its last granule is copied byte by byte), last tiles with a few rows,
+    # many tiles per CTA (K = 4096), a second 8-row chunk (B = 11)
+    a, b = types
+    specs = {256: [(a, 300), (b, 45), (a, 17), (b, 3)], 4096: [(a, 1000), (b, 200), (a, 199)],
+             5120: [(a, 150), (b, 37)]}[k]
+    check_mat_vec_cuda(specs, k, batch)
+
+
 @pytest.mark.parametrize("rows", [1, 15, 16, 17, 300])
 def test_mat_vec_row_counts(poison_outputs, rows):
     check_mat_vec_cuda([(T.Q4_K, rows)], 4096, 1)
@@ -265,11 +280,12 @@ def test_mat_vec_segments_out_of_buffer_order(poison_outputs, batch):
     assert rel_err(out, exact_mat_vec([segments[i] for i in order], xq.numpy())) < CUDA_EXACT_TOL
 
 
-@pytest.mark.parametrize("specs", [[(T.Q4_K, 200), (T.Q6_K, 50)], [(T.Q4_K, 200), (T.Q4_K, 50)]],
-                         ids=["q4k_q6k", "q4k"])
-def test_mat_vec_is_deterministic(poison_outputs, specs):
+@pytest.mark.parametrize("specs", [[(T.Q4_K, 200), (T.Q6_K, 50)], [(T.Q4_K, 200), (T.Q4_K, 50)],
+                                   [(T.Q4_0, 250)]], ids=["q4k_q6k", "q4k", "q4_0"])
+@pytest.mark.parametrize("batch", [4, 8])
+def test_mat_vec_is_deterministic(poison_outputs, specs, batch):
     segments, buf, qtypes, rows, offsets = make_fused(specs, 4096)
-    xq = ggfuse.quantize_q8_1(randn(4, 4096).to(DEV))
+    xq = ggfuse.quantize_q8_1(randn(batch, 4096).to(DEV))
     buf = buf.to(DEV)
     a = ggfuse.mat_vec_q8_1(xq, buf, qtypes, rows, offsets)
     b = ggfuse.mat_vec_q8_1(xq, buf, qtypes, rows, offsets)

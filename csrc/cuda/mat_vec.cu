@@ -27,10 +27,11 @@
 //     shared memory, in the standalone norm kernel's order); with PDL the separate norm kernel
 //     measured faster, so that is behind GGFUSE_FUSED_NORM=1.
 // Batches above 8 are processed 8 rows per launch. Chunks of <= 2 rows of Q4_K-only weights go to the
-// dp4a kernel instead (mat_vec_dp4a.cu), where it measured faster. Larger chunks of Q4_K-only weights
-// run mat_vec_q4k_direct_kernel: the same work split and MMA, with fragments read at the lanes' own
-// offsets from 160-byte padded rows, the min term on the tensor cores (TF32) and an integer-scaled
-// epilogue, so fewer instructions per item (its section below has the details).
+// dp4a kernel instead (mat_vec_dp4a.cu), where it measured faster (and chunks of <= 4 rows with a
+// 2-byte aligned type). Other chunks of weights made of Q4_K and Q6_K, or of Q4_0 alone, with K a
+// multiple of 256, run mat_vec_direct_kernel: the same work split and MMA, with fragments read at the
+// lanes' own offsets from padded rows, the Q4_K mins / Q4_0 offsets on the tensor cores (TF32) and
+// integer-scaled epilogues, so fewer instructions per item (its section below has the details).
 #include <algorithm>
 #include <cstdlib>
 
@@ -628,38 +629,59 @@ __device__ __forceinline__ void compute_item_typed(const Params& p, const SegDes
   }
 }
 
-// ---- Q4_K weights read straight into MMA fragments (mat_vec_q4k_direct_kernel) ----
+// ---- weights read straight into MMA fragments (mat_vec_direct_kernel) ----
 // The staged kernel above spends ~540 warp instructions per item (16 rows x 256 values), about half
 // of them moving bytes (cp.async issue, shared loads of weights and scales) and the rest on a float
 // epilogue of ~6 operations per output element and sub-block; at B = 8 it is issue-bound at 25% of the
-// read bandwidth (docs/PERFORMANCE.md). Q4_K rows are 16-byte aligned with one 144-byte block per K
-// step, so an item is copied as whole granules into a slot of 160-byte rows, and lane (g, t) reads,
-// for its rows g and g + 8, the 16-byte block header and bytes 8t..8t+7 of each 32-byte run of qs:
-// after the nibble split these are that lane's A fragments of both sub-blocks of the run, under the k
-// permutation "fragment k 4t..4t+3 = values 8t..8t+3, k 16+4t..16+4t+3 = values 8t+4..8t+7" (any k
-// permutation applied to A and B alike leaves the product unchanged; the B fragments follow it). No
-// scale scratch, no word funnel shifts, no per-item warp barrier. (Loading the fragments straight
-// from global memory into registers measured slower: docs/PERFORMANCE.md v11.)
-// The epilogue keeps integers as long as it can. A sub-block j contributes
-//   d_x * (d * sc_j * sumi - dmin * m_j * sumq)      (decode.h dot_k_sub; d, dmin per row and block)
-// and the item's rows sum this over j = 0..7, so it is evaluated as
-//   d * sum_j d_x[j] * float(sc_j * sumi_j)  -  dmin * sum_j m_j * (d_x[j] * sumq_j)
-//   * sc_j * sumi_j is one integer multiply-add (|sumi| <= 15 * 128 * 32, sc <= 63: below 2^22, so
-//     i2f_exact converts it exactly), then one FFMA per element and sub-block;
-//   * the min sum is a 16 x 8 by 8 x 8 product (rows x sub-blocks x columns) done on the tensor cores
-//     in TF32: m_j (<= 63) is exact in TF32, and the column factor d_x[j] * sumq_j (fp32, computed once
-//     per K step) goes in as two TF32 parts (hi + lo, 22 bits), so the product is good to ~2^-21.
-// The two forms are equal in exact arithmetic; in fp32 they round differently (well inside SPEC §5's
-// 1e-4), so this kernel's results are not bit-identical to the staged kernel's.
+// read bandwidth (docs/PERFORMANCE.md). The direct kernel handles Q4_K, Q6_K and Q4_0 (K a multiple of
+// 256) with fewer: an item is copied as whole 16-byte granules into a slot of padded rows, and lane
+// (g, t) reads, for its rows g and g + 8, only the bytes of its own fragments, under one k permutation
+// shared by every type: "fragment k 4t..4t+3 = values 8t..8t+3 of a 32-value block, k 16+4t..16+4t+3
+// = values 8t+4..8t+7" (any k permutation applied to A and B alike leaves the product unchanged; the
+// B fragments follow it, so one set of activation registers serves every type). No scale scratch and
+// no per-item warp barrier. (Loading the fragments straight from global memory into registers
+// measured slower: docs/PERFORMANCE.md v11.)
+//   * Q4_K (144-byte blocks, 16-byte aligned): the 16-byte header and bytes 8t..8t+7 of each 32-byte
+//     run of qs; after the nibble split these are the lane's A fragments of both sub-blocks of the run.
+//     A sub-block j contributes d_x * (d * sc_j * sumi - dmin * m_j * sumq) (decode.h dot_k_sub) and
+//     the item's rows sum this over j = 0..7, so it is evaluated as
+//       d * sum_j d_x[j] * float(sc_j * sumi_j)  -  dmin * sum_j m_j * (d_x[j] * sumq_j)
+//     - sc_j * sumi_j is one integer multiply-add (|sumi| <= 15 * 128 * 32, sc <= 63: below 2^22, so
+//       i2f_exact converts it exactly), then one FFMA per element and sub-block;
+//     - the min sum is a 16 x 8 by 8 x 8 product (rows x sub-blocks x columns) done on the tensor
+//       cores in TF32: m_j (<= 63) is exact in TF32, and the column factor d_x[j] * sumq_j (fp32,
+//       computed once per K step) goes in as two TF32 parts (hi + lo, 22 bits): good to ~2^-21.
+//   * Q4_0 (18-byte blocks; with K % 256 == 0 an item is 144 bytes, 16-byte aligned): values 8t..8t+7
+//     of a block are the low (t < 2) or high nibbles of qs bytes 8(t & 1)..8(t & 1)+7, read at a
+//     2-byte aligned offset (three words and two funnel shifts where it is not 4-byte aligned). The
+//     block's d_w * (d_x * sumi - 8 * s_x) (decode.h dot_q4_0) is summed as
+//       sum_j d_w[j] * d_x[j] * float(sumi_j)  -  8 * sum_j d_w[j] * s_x[j]
+//     where the second sum is one 16 x 8 by 8 x 8 TF32 product whose operands (fp16) are TF32-exact.
+//   * Q6_K (210-byte blocks, 2-byte aligned): the 14 granules that enclose a row's block; the lane's
+//     8 bytes of each ql and qh run, read at the row's offset. Its 16-value scale groups split each
+//     32-value block in two, and the lanes t < 2 hold exactly the first group's values (8t..8t+7 <
+//     16), so each block runs two MMAs on the same A, one with the B fragments of lanes t >= 2 zeroed
+//     and one with those of lanes t < 2 zeroed: the two groups' sums come out separately. The item's
+//     integer per block and element is sc_e * sumi_e + sc_o * sumi_o (|.| <= 2 * 128 * 65536 = 2^24,
+//     so its float conversion is exact), then one FFMA with d_x; d multiplies the item's sum once.
+// The integer-first forms are equal to decode.h's in exact arithmetic; in fp32 they round differently
+// (well inside SPEC §5's 1e-4), so this kernel's results are not bit-identical to the staged kernel's.
 
 // Activations of one K step in the direct layout: B fragments of column g; the Q8_1 scales d_x of the
-// epilogue columns 2t and 2t+1; the min product's TF32 B fragments (d_x * sumq of column g, sub-blocks
-// t and t + 4, hi and lo parts). Always 8 columns: B <= 2 runs the dp4a kernel by default.
+// epilogue columns 2t and 2t+1; Q4_K's min product B fragments (d_x * sumq of column g, sub-blocks t
+// and t + 4, hi and lo TF32 parts); Q4_0's offset product B fragments (s_x of column g, blocks t and
+// t + 4). Always 8 columns: B <= 2 runs the dp4a kernel by default.
 struct DirectAct {
   uint32_t b[kStepBlocks][2];
   float dx0[kStepBlocks], dx1[kStepBlocks];
-  uint32_t mb_hi[2], mb_lo[2];
+  uint32_t mb_hi[2], mb_lo[2];  // Q4_K
+  uint32_t sx[2];               // Q4_0
 };
+
+// The type sets of the direct kernel's instances (type_bit masks).
+constexpr int kDirectQ4K = 8;         // Q4_K only
+constexpr int kDirectKQuants = 8 | 32;  // Q4_K and / or Q6_K (Q4_K_M's mixed layers)
+constexpr int kDirectQ4_0 = 1;        // Q4_0 only
 
 __device__ __forceinline__ uint32_t tf32_round(float v) {
   uint32_t r;
@@ -667,12 +689,13 @@ __device__ __forceinline__ uint32_t tf32_round(float v) {
   return r;
 }
 
+template <int kMask>
 __device__ __forceinline__ void load_direct_act(const Params& p, const uint8_t* xq, int step, int lane,
                                                 DirectAct& act) {
   constexpr int kBQ = sizeof(BlockQ8_1);
   const int g = lane >> 2, t = lane & 3;
   const int last = p.batch - 1;
-  const int64_t blk0 = static_cast<int64_t>(step) * kStepBlocks * kBQ;  // K % 256 == 0 for Q4_K
+  const int64_t blk0 = static_cast<int64_t>(step) * kStepBlocks * kBQ;  // K % 256 == 0 here
   const uint8_t* xg = xq + min(g, last) * p.x_row_bytes + blk0;
   const uint8_t* x0 = xq + min(2 * t, last) * p.x_row_bytes + blk0;
   const uint8_t* x1 = xq + min(2 * t + 1, last) * p.x_row_bytes + blk0;
@@ -683,24 +706,30 @@ __device__ __forceinline__ void load_direct_act(const Params& p, const uint8_t* 
     act.dx0[j] = h2f(lds32(x0 + j * kBQ));
     act.dx1[j] = h2f(lds32(x1 + j * kBQ));
   }
-  const float dxg_lo = h2f(lds32(xg + t * kBQ)), dxg_hi = h2f(lds32(xg + (t + 4) * kBQ));
-  // sumq of column g for blocks t and t + 4: each lane's 8 quants of the block, summed over the 4
-  // lanes of the group.
-  int sq_lo = 0, sq_hi = 0;
+  const uint32_t dsg_lo = lds32(xg + t * kBQ), dsg_hi = lds32(xg + (t + 4) * kBQ);  // d | s << 16
+  if constexpr ((kMask & type_bit(kQ4_K)) != 0) {
+    // sumq of column g for blocks t and t + 4: each lane's 8 quants of the block, summed over the 4
+    // lanes of the group.
+    int sq_lo = 0, sq_hi = 0;
 #pragma unroll
-  for (int j = 0; j < kStepBlocks; ++j) {
-    int s = __dp4a(static_cast<int>(act.b[j][0]), static_cast<int>(kOnes),
-                   __dp4a(static_cast<int>(act.b[j][1]), static_cast<int>(kOnes), 0));
-    s += __shfl_xor_sync(0xffffffffu, s, 1);
-    s += __shfl_xor_sync(0xffffffffu, s, 2);
-    if (j == t) sq_lo = s;
-    if (j == t + 4) sq_hi = s;
+    for (int j = 0; j < kStepBlocks; ++j) {
+      int s = __dp4a(static_cast<int>(act.b[j][0]), static_cast<int>(kOnes),
+                     __dp4a(static_cast<int>(act.b[j][1]), static_cast<int>(kOnes), 0));
+      s += __shfl_xor_sync(0xffffffffu, s, 1);
+      s += __shfl_xor_sync(0xffffffffu, s, 2);
+      if (j == t) sq_lo = s;
+      if (j == t + 4) sq_hi = s;
+    }
+    const float q_lo = h2f(dsg_lo) * i2f_exact(sq_lo), q_hi = h2f(dsg_hi) * i2f_exact(sq_hi);
+    act.mb_hi[0] = tf32_round(q_lo);
+    act.mb_lo[0] = tf32_round(q_lo - __uint_as_float(act.mb_hi[0]));
+    act.mb_hi[1] = tf32_round(q_hi);
+    act.mb_lo[1] = tf32_round(q_hi - __uint_as_float(act.mb_hi[1]));
   }
-  const float q_lo = dxg_lo * i2f_exact(sq_lo), q_hi = dxg_hi * i2f_exact(sq_hi);
-  act.mb_hi[0] = tf32_round(q_lo);
-  act.mb_lo[0] = tf32_round(q_lo - __uint_as_float(act.mb_hi[0]));
-  act.mb_hi[1] = tf32_round(q_hi);
-  act.mb_lo[1] = tf32_round(q_hi - __uint_as_float(act.mb_hi[1]));
+  if constexpr ((kMask & type_bit(kQ4_0)) != 0) {
+    act.sx[0] = __float_as_uint(h2f(dsg_lo >> 16));
+    act.sx[1] = __float_as_uint(h2f(dsg_hi >> 16));
+  }
 }
 
 // D = A * B + C in TF32 (m16n8k8): A 16 x 8 (a0 row g k t, a1 row g+8 k t, a2 row g k t+4, a3 row g+8
@@ -712,30 +741,39 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// A tile as the direct kernel reads it: where its row 0 starts, the row stride, the rows it has.
+// A tile as the direct kernel reads it: where its row 0 starts, where its segment ends, the row
+// stride, the rows it has, its type.
 struct DirectTile {
   const uint8_t* row0;
-  int32_t row_bytes;
-  int32_t rows_valid;
+  const uint8_t* seg_end;
+  int32_t row_bytes;   // K <= 2^30: at most 210 * 2^22 bytes
+  int16_t rows_valid;  // 1..16
+  int16_t type;
 };
 
 // Each warp's items go through a ring of shared-memory slots (cp.async, 16-byte granules), the first
-// ones issued before the PDL wait. Rows are 160 bytes apart in a slot (the 144-byte block + 16): the
-// 8-byte fragment reads of rows g = 0..7 then fall in distinct banks.
+// ones issued before the PDL wait. Rows are 16 (mod 32) bytes apart in a slot, so the 8-byte fragment
+// reads of rows g = 0..7 spread over the banks: 160 bytes for the 144-byte items of Q4_K and Q4_0,
+// 240 for Q6_K's 14 granules (a 210-byte block from any even offset).
 constexpr int kDirectRowStride = 160;
-constexpr int kDirectSlotBytes = kTileRows * kDirectRowStride;
+constexpr int kDirectQ6KRowStride = 240;
 constexpr int kDirectMaxSlots = 8;
-constexpr int kQ4KGranules = kTileRows * static_cast<int>(sizeof(BlockQ4_K)) / 16;  // 144 per item
+constexpr int kAlignedItemBytes = 144;  // a Q4_K block; 8 Q4_0 blocks
+constexpr int kQ6KRowGranules = 14;
+__host__ __device__ constexpr int direct_slot_bytes(int mask) {
+  return kTileRows * ((mask & type_bit(kQ6_K)) != 0 ? kDirectQ6KRowStride : kDirectRowStride);
+}
 
-// Rows past the end of the segment (its last tile) copy the tile's last valid row instead: nothing
-// outside the segment is read, and store_tiles drops those rows.
-__device__ __forceinline__ void stage_q4k_item(const DirectTile& dt, int step, int lane, uint8_t* slot) {
-  constexpr int kRowGranules = static_cast<int>(sizeof(BlockQ4_K)) / 16;  // 9
-  const uint8_t* base = dt.row0 + step * static_cast<int>(sizeof(BlockQ4_K));
+// Q4_K and Q4_0 items: 9 granules per row. Rows past the end of the segment (its last tile) copy the
+// tile's last valid row instead: nothing outside the segment is read, and store_tiles drops those rows.
+__device__ __forceinline__ void stage_aligned_item(const DirectTile& dt, int step, int lane, uint8_t* slot) {
+  constexpr int kRowGranules = kAlignedItemBytes / 16;  // 9
+  constexpr int kGranules = kTileRows * kRowGranules;   // 144
+  const uint8_t* base = dt.row0 + step * kAlignedItemBytes;
 #pragma unroll
-  for (int k = 0; k < (kQ4KGranules + 31) / 32; ++k) {
+  for (int k = 0; k < (kGranules + 31) / 32; ++k) {
     const int i = lane + 32 * k;
-    if (i < kQ4KGranules) {
+    if (i < kGranules) {
       const int r = i / kRowGranules, c = i - kRowGranules * r;
       const int rr = min(r, dt.rows_valid - 1);
       cp_async_16(slot + r * kDirectRowStride + 16 * c, base + static_cast<int64_t>(rr) * dt.row_bytes + 16 * c);
@@ -743,8 +781,46 @@ __device__ __forceinline__ void stage_q4k_item(const DirectTile& dt, int step, i
   }
 }
 
-// Lane (g, t)'s view of an item: headers (d, dmin, scales) of rows g and g + 8, and bytes 8t..8t+7 of
-// each 32-byte run of their qs.
+// Where row r's block of step `step` starts inside its first granule (even, 0..14), for the row that
+// slot row r holds (the last valid one past the end of the segment).
+__device__ __forceinline__ int q6k_row_offset(const DirectTile& dt, int step, int r) {
+  const int rr = min(r, dt.rows_valid - 1);
+  return static_cast<int>((static_cast<uint32_t>(reinterpret_cast<uintptr_t>(dt.row0)) +
+                           static_cast<uint32_t>(rr) * static_cast<uint32_t>(dt.row_bytes) +
+                           static_cast<uint32_t>(step) * static_cast<uint32_t>(sizeof(BlockQ6_K))) & 15u);
+}
+
+// Q6_K items: the 14 granules that enclose each row's 210-byte block. The granule that would run past
+// the end of the segment (its last row's last block, when the segment does not end on a 16-byte
+// boundary) is copied byte by byte, so nothing outside the segment is read.
+__device__ __forceinline__ void stage_q6k_item(const DirectTile& dt, int step, int lane, uint8_t* slot) {
+  constexpr int kGranules = kTileRows * kQ6KRowGranules;  // 224: 7 per lane
+#pragma unroll
+  for (int k = 0; k < kGranules / 32; ++k) {
+    const int i = lane + 32 * k;
+    const int r = i / kQ6KRowGranules, c = i - kQ6KRowGranules * r;
+    const int rr = min(r, dt.rows_valid - 1);
+    const uint8_t* start = dt.row0 + static_cast<int64_t>(rr) * dt.row_bytes + step * static_cast<int>(sizeof(BlockQ6_K));
+    const uint8_t* src = reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(start) & ~uintptr_t{15}) + 16 * c;
+    uint8_t* dst = slot + r * kDirectQ6KRowStride + 16 * c;
+    if (src + 16 <= dt.seg_end) {
+      cp_async_16(dst, src);
+    } else {
+      for (int e = 0; src + e < dt.seg_end; ++e) dst[e] = src[e];
+    }
+  }
+}
+
+// 8 bytes at an even byte offset of a 16-byte aligned shared-memory row: three aligned words and two
+// funnel shifts (the compiler drops the third word where the offset is known to be 4-byte aligned).
+__device__ __forceinline__ uint2 lds64u(const uint8_t* base, int off) {
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(base + (off & ~3));
+  const uint32_t sh = static_cast<uint32_t>(off & 3) * 8u;
+  return make_uint2(__funnelshift_r(w[0], w[1], sh), __funnelshift_r(w[1], w[2], sh));
+}
+
+// Lane (g, t)'s view of a Q4_K item: headers (d, dmin, scales) of rows g and g + 8, and bytes 8t..8t+7
+// of each 32-byte run of their qs.
 struct Q4KItem {
   uint4 h0, h1;
   uint2 q0[4], q1[4];
@@ -771,12 +847,16 @@ __device__ __forceinline__ void unpack_k_scales(const uint4& h, uint32_t (&sc)[2
   m[1] = ((h.w >> 4) & 0x0F0F0F0Fu) | ((h.z >> 2) & 0x30303030u);
 }
 __device__ __forceinline__ int byte_u(uint32_t w, int i) { return static_cast<int>(__byte_perm(w, 0u, 0x4440u + i)); }
+__device__ __forceinline__ int byte_s(uint32_t w, int i) { return static_cast<int>(static_cast<int8_t>((w >> (8 * i)) & 0xffu)); }
 
 // r[0..3] = (row g, col 2t), (row g, col 2t+1), (row g+8, col 2t), (row g+8, col 2t+1).
 // m_sel: __byte_perm selector that puts byte t of a word under the exponent of 2^23 (the lane's
 // sub-blocks t and t + 4 of the min product).
-__device__ __forceinline__ void compute_q4k_item(const Q4KItem& w, const DirectAct& act, uint32_t m_sel,
+__device__ __forceinline__ void compute_q4k_item(const uint8_t* slot, const DirectAct& act, int lane,
                                                  float (&r)[4]) {
+  Q4KItem w;
+  read_q4k_item(slot, lane, w);
+  const uint32_t m_sel = 0x7650u + static_cast<uint32_t>(lane & 3);
   uint32_t sc0[2], m0[2], sc1[2], m1[2];
   unpack_k_scales(w.h0, sc0, m0);
   unpack_k_scales(w.h1, sc1, m1);
@@ -811,6 +891,94 @@ __device__ __forceinline__ void compute_q4k_item(const Q4KItem& w, const DirectA
   r[1] = d0 * acc[1] - dmin0 * accm[1];
   r[2] = d1 * acc[2] - dmin1 * accm[2];
   r[3] = d1 * acc[3] - dmin1 * accm[3];
+}
+
+// Q4_0 items (8 blocks of 18 bytes per row). Lane (g, t): values 8t..8t+7 of each block are the low
+// (t < 2) or high (t >= 2) nibbles of qs bytes 8 (t & 1) .. 8 (t & 1) + 7; the MMA sums the unsigned
+// nibbles, the - 8 goes through s_x (decode.h dot_q4_0).
+__device__ __forceinline__ void compute_q4_0_item(const uint8_t* slot, const DirectAct& act, int lane,
+                                                  float (&r)[4]) {
+  constexpr int bb = static_cast<int>(sizeof(BlockQ4_0));
+  const int g = lane >> 2, t = lane & 3;
+  const uint8_t* r0 = slot + g * kDirectRowStride;
+  const uint8_t* r1 = r0 + 8 * kDirectRowStride;
+  const int qs = 2 + 8 * (t & 1);  // the lane's qs bytes within a block
+  const int nib = 4 * (t >> 1);
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < kStepBlocks; ++j) {
+    const uint2 w0 = lds64u(r0, bb * j + qs), w1 = lds64u(r1, bb * j + qs);
+    const uint32_t a[4] = {(w0.x >> nib) & kNibbles, (w1.x >> nib) & kNibbles,
+                           (w0.y >> nib) & kNibbles, (w1.y >> nib) & kNibbles};
+    int c[4];
+    mma_k32_z(c, a, act.b[j][0], act.b[j][1]);
+    const float dw0 = h2f(lds16at(r0, bb * j)), dw1 = h2f(lds16at(r1, bb * j));
+    acc[0] = fmaf(dw0, act.dx0[j] * i2f_exact(c[0]), acc[0]);
+    acc[1] = fmaf(dw0, act.dx1[j] * i2f_exact(c[1]), acc[1]);
+    acc[2] = fmaf(dw1, act.dx0[j] * i2f_exact(c[2]), acc[2]);
+    acc[3] = fmaf(dw1, act.dx1[j] * i2f_exact(c[3]), acc[3]);
+  }
+  // sum_j d_w[j] * s_x[j]: A = d_w of rows g, g + 8 at blocks t, t + 4.
+  const uint32_t am[4] = {__float_as_uint(h2f(lds16at(r0, bb * t))), __float_as_uint(h2f(lds16at(r1, bb * t))),
+                          __float_as_uint(h2f(lds16at(r0, bb * (t + 4)))), __float_as_uint(h2f(lds16at(r1, bb * (t + 4))))};
+  float accs[4] = {0.f, 0.f, 0.f, 0.f};
+  mma_tf32(accs, am, act.sx[0], act.sx[1]);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) r[i] = acc[i] - 8.0f * accs[i];
+}
+
+// One Q6_K quant word: 4 values from a word of ql (nibble `nib`) and of qh (bits hb, hb + 1), - 32.
+__device__ __forceinline__ uint32_t q6_quants(uint32_t ql, uint32_t qh, int nib, int hb) {
+  return minus32(((ql >> nib) & kNibbles) | (((qh >> hb) & 0x03030303u) << 4));
+}
+
+// Q6_K items (one 210-byte block per row, starting at the even offsets o0 / o1 of rows g / g + 8 in
+// the slot). ql[0..127], qh[128..191], scales[192..207], d at 208; half n of the block (values
+// 128n..128n+127) is made of the runs ql[64n + l], ql[64n + 32 + l], qh[32n + l], l = 0..31, and its
+// quarter tq (a Q8_1 block, values 128n + 32tq + l) takes the low (tq < 2) or high nibbles of the
+// first (tq even) or second run and bits 2tq, 2tq+1 of qh, with scale groups 8n + 2tq + (l >= 16).
+__device__ __forceinline__ void compute_q6k_item(const uint8_t* slot, int o0, int o1, const DirectAct& act,
+                                                 int lane, float (&r)[4]) {
+  const int g = lane >> 2, t = lane & 3;
+  const uint8_t* r0 = slot + g * kDirectQ6KRowStride;
+  const uint8_t* r1 = r0 + 8 * kDirectQ6KRowStride;
+  const bool first_group = t < 2;  // this lane's values 8t..8t+7 lie in the block's first 16
+  const uint2 sa0 = lds64u(r0, o0 + 192), sb0 = lds64u(r0, o0 + 200);
+  const uint2 sa1 = lds64u(r1, o1 + 192), sb1 = lds64u(r1, o1 + 200);
+  const uint32_t sc0[4] = {sa0.x, sa0.y, sb0.x, sb0.y}, sc1[4] = {sa1.x, sa1.y, sb1.x, sb1.y};
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int n = 0; n < 2; ++n) {
+    const uint2 A0 = lds64u(r0, o0 + 64 * n + 8 * t), B0 = lds64u(r0, o0 + 64 * n + 32 + 8 * t);
+    const uint2 H0 = lds64u(r0, o0 + 128 + 32 * n + 8 * t);
+    const uint2 A1 = lds64u(r1, o1 + 64 * n + 8 * t), B1 = lds64u(r1, o1 + 64 * n + 32 + 8 * t);
+    const uint2 H1 = lds64u(r1, o1 + 128 + 32 * n + 8 * t);
+#pragma unroll
+    for (int tq = 0; tq < 4; ++tq) {
+      const uint2 L0 = (tq & 1) ? B0 : A0, L1 = (tq & 1) ? B1 : A1;
+      const int nib = 4 * (tq >> 1), hb = 2 * tq;
+      const uint32_t a[4] = {q6_quants(L0.x, H0.x, nib, hb), q6_quants(L1.x, H1.x, nib, hb),
+                             q6_quants(L0.y, H0.y, nib, hb), q6_quants(L1.y, H1.y, nib, hb)};
+      const int blk = 4 * n + tq;
+      // B of the first group only (lanes t >= 2 zeroed), then of the second only.
+      const uint32_t bf0 = first_group ? act.b[blk][0] : 0u, bf1 = first_group ? act.b[blk][1] : 0u;
+      int ce[4], co[4];
+      mma_k32_z(ce, a, bf0, bf1);
+      mma_k32_z(co, a, act.b[blk][0] ^ bf0, act.b[blk][1] ^ bf1);
+      const int sw = 2 * n + (tq >> 1), sb = 2 * (tq & 1);  // group 8n + 2tq: byte sb of word sw
+      const int se0 = byte_s(sc0[sw], sb), so0 = byte_s(sc0[sw], sb + 1);
+      const int se1 = byte_s(sc1[sw], sb), so1 = byte_s(sc1[sw], sb + 1);
+      acc[0] = fmaf(__int2float_rn(se0 * ce[0] + so0 * co[0]), act.dx0[blk], acc[0]);
+      acc[1] = fmaf(__int2float_rn(se0 * ce[1] + so0 * co[1]), act.dx1[blk], acc[1]);
+      acc[2] = fmaf(__int2float_rn(se1 * ce[2] + so1 * co[2]), act.dx0[blk], acc[2]);
+      acc[3] = fmaf(__int2float_rn(se1 * ce[3] + so1 * co[3]), act.dx1[blk], acc[3]);
+    }
+  }
+  const float d0 = h2f(lds16at(r0, o0 + 208)), d1 = h2f(lds16at(r1, o1 + 208));
+  r[0] = d0 * acc[0];
+  r[1] = d0 * acc[1];
+  r[2] = d1 * acc[2];
+  r[3] = d1 * acc[3];
 }
 
 // The fused norm: rms_norm_mul_q8_1 of the launch's batch rows, computed by this CTA into `act`
@@ -935,10 +1103,11 @@ __global__ void __launch_bounds__(kThreads, 1) mat_vec_kernel(const __grid_const
   store_tiles(p, tiles, partials, n_tiles);
 }
 
-// The Q4_K direct kernel: the staged kernel's work split (CTA tile ranges, K groups, partial slots,
-// store); each warp's items go through its ring of p.stages slots, the first p.stages issued before
-// the PDL wait, so they overlap the producer of x.
-__global__ void __launch_bounds__(kThreads, 1) mat_vec_q4k_direct_kernel(const __grid_constant__ Params p) {
+// The direct kernel (kMask: one of the kDirect* type sets): the staged kernel's work split (CTA tile
+// ranges, K groups, partial slots, store); each warp's items go through its ring of p.stages slots of
+// p.stage_bytes, the first p.stages issued before the PDL wait, so they overlap the producer of x.
+template <int kMask>
+__global__ void __launch_bounds__(kThreads, 1) mat_vec_direct_kernel(const __grid_constant__ Params p) {
   extern __shared__ __align__(16) uint8_t smem[];
   allow_dependent_launch();
 
@@ -958,8 +1127,10 @@ __global__ void __launch_bounds__(kThreads, 1) mat_vec_q4k_direct_kernel(const _
     const SegDesc& sd = p.seg[ti.seg];
     DirectTile dt;
     dt.row0 = p.weight + sd.byte_offset + static_cast<int64_t>(ti.row0) * sd.row_bytes;
-    dt.row_bytes = static_cast<int32_t>(sd.row_bytes);  // Q4_K rows: K / 256 * 144 bytes, K <= 2^30
-    dt.rows_valid = ti.rows_valid;
+    dt.seg_end = p.weight + sd.byte_offset + static_cast<int64_t>(sd.rows) * sd.row_bytes;
+    dt.row_bytes = static_cast<int32_t>(sd.row_bytes);
+    dt.rows_valid = static_cast<int16_t>(ti.rows_valid);
+    dt.type = static_cast<int16_t>(sd.type);
     dtiles[i] = dt;
   }
   __syncthreads();
@@ -969,34 +1140,51 @@ __global__ void __launch_bounds__(kThreads, 1) mat_vec_q4k_direct_kernel(const _
 
   int is = 0, it = 0;  // issue cursor (step index, tile index)
   const int slots = p.stages;
-  uint8_t* ring = smem + p.act_offset + static_cast<size_t>(warp) * slots * kDirectSlotBytes;
+  uint8_t* ring = smem + p.act_offset + static_cast<size_t>(warp) * slots * p.stage_bytes;
   auto issue = [&](uint8_t* slot) {
-    stage_q4k_item(dtiles[tw + it * tg], kw + is * kg, lane, slot);
+    const DirectTile& dt = dtiles[tw + it * tg];
+    const int step = kw + is * kg;
+    if ((kMask & type_bit(kQ6_K)) != 0 && dt.type == kQ6_K) {
+      stage_q6k_item(dt, step, lane, slot);
+    } else {
+      stage_aligned_item(dt, step, lane, slot);
+    }
     if (++it == n_my_tiles) { it = 0; ++is; }
   };
   for (int j = 0; j < slots; ++j) {
-    if (j < n_items) issue(ring + j * kDirectSlotBytes);
+    if (j < n_items) issue(ring + j * p.stage_bytes);
     cp_async_commit();
   }
 
   grid_dependency_wait();
 
-  const uint32_t m_sel = 0x7650u + static_cast<uint32_t>(lane & 3);
   DirectAct act;
   int cs = 0, ct = 0;  // compute cursor
   int slot = 0;
   for (int j = 0; j < n_items; ++j) {
     cp_async_wait_dyn(slots - 1);  // item j's group has landed (slots - 1 newer ones may be pending)
     __syncwarp();                  // ... for every lane's copies
-    if (ct == 0) load_direct_act(p, p.x, kw + cs * kg, lane, act);
-    Q4KItem w;
-    read_q4k_item(ring + slot * kDirectSlotBytes, lane, w);
+    const int step = kw + cs * kg;
+    if (ct == 0) load_direct_act<kMask>(p, p.x, step, lane, act);
+    const uint8_t* s = ring + slot * p.stage_bytes;
     float r[4];
-    compute_q4k_item(w, act, m_sel, r);
+    if constexpr (kMask == kDirectQ4_0) {
+      compute_q4_0_item(s, act, lane, r);
+    } else if constexpr (kMask == kDirectQ4K) {
+      compute_q4k_item(s, act, lane, r);
+    } else {
+      const DirectTile& dt = dtiles[tw + ct * tg];
+      if (dt.type == kQ6_K) {
+        const int g = lane >> 2;
+        compute_q6k_item(s, q6k_row_offset(dt, step, g), q6k_row_offset(dt, step, g + 8), act, lane, r);
+      } else {
+        compute_q4k_item(s, act, lane, r);
+      }
+    }
     add_partial(partials, tw + ct * tg, kg, kw, lane, cs == 0, r);
     if (++ct == n_my_tiles) { ct = 0; ++cs; }
     __syncwarp();  // every lane has read the slot before it is refilled
-    if (j + slots < n_items) issue(ring + slot * kDirectSlotBytes);
+    if (j + slots < n_items) issue(ring + slot * p.stage_bytes);
     cp_async_commit();
     if (++slot == slots) slot = 0;
   }
@@ -1038,8 +1226,8 @@ int best_k_groups(const Params& p) {
 // default off: with PDL the separate norm kernel measured faster), GGFUSE_MV_DP4A (the largest
 // batch chunk that runs mat_vec_dp4a.cu's kernel for every type; 0: never; unset: the measured rule
 // above kDp4aAutoMaxBatch), GGFUSE_MV_STAGED (0/1: the dp4a kernel never / always stages its rows in
-// shared memory; unset: the measured rule above), GGFUSE_MV_DIRECT=0 (Q4_K-only weights take the staged
-// kernel instead of mat_vec_q4k_direct_kernel).
+// shared memory; unset: the measured rule above), GGFUSE_MV_DIRECT=0 (weights the direct kernel handles
+// take the staged kernel instead of mat_vec_direct_kernel).
 struct Overrides {
   int stages = env_int("GGFUSE_MV_STAGES", 2);
   int k_groups = env_int("GGFUSE_MV_KGROUPS", 0);
@@ -1118,43 +1306,58 @@ cudaError_t launch_cols(Params& p, int device, cudaStream_t stream) {
   return launch_kernel(mat_vec_kernel<kCols, kMask>, dim3(grid), dim3(kThreads), smem, stream, p);
 }
 
-// The Q4_K direct kernel: no stages, so shared memory holds only the tile tables and partial slots.
+// The direct kernel: shared memory holds the tile tables, the partial slots and the warps' slot rings.
+// InvalidConfiguration when not even one slot per warp fits (the caller then runs the staged kernel;
+// p is left as it was for it).
+template <int kMask>
 cudaError_t launch_direct(Params& p, int device, cudaStream_t stream) {
   const Overrides& ov = overrides();
   const int sms = std::max(1, device_attribute(device, cudaDevAttrMultiProcessorCount));
   const int smem_optin = device_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
-  int grid = std::min({sms, p.total_tiles, kMaxGrid});
+  Params q = p;
+  q.stage_bytes = direct_slot_bytes(kMask);
+  int grid = std::min({sms, q.total_tiles, kMaxGrid});
   size_t smem = 0;
   for (;;) {
-    p.max_tiles = max_tiles_for(p, grid);
-    p.k_groups = ov.k_groups > 0 ? ov.k_groups : best_k_groups(p);
-    const size_t fixed = static_cast<size_t>(p.max_tiles) * (sizeof(TileInfo) + sizeof(DirectTile)) +
-                         static_cast<size_t>(p.max_tiles) * p.k_groups * 32 * 16;
+    q.max_tiles = max_tiles_for(q, grid);
+    q.k_groups = ov.k_groups > 0 ? ov.k_groups : best_k_groups(q);
+    const size_t fixed = static_cast<size_t>(q.max_tiles) * (sizeof(TileInfo) + sizeof(DirectTile)) +
+                         static_cast<size_t>(q.max_tiles) * q.k_groups * 32 * 16;
     // Slots per warp: GGFUSE_MV_STAGES (default 2), at most the busiest warp's items and what fits.
-    // Two measured best on the H200 (QKV B = 8 with norm: 12.48 us against 13.28 with all three of a
-    // warp's items in flight and 21.24 with one; gate|up 30.17 against 32.04 with 4 slots).
-    const int tg = kWarps / p.k_groups;
-    const int64_t items = static_cast<int64_t>((p.steps + p.k_groups - 1) / p.k_groups) * ((p.max_tiles + tg - 1) / tg);
-    const size_t per_slot = static_cast<size_t>(kWarps) * kDirectSlotBytes;
+    // Two measured best on the H200 (QKV Q4_K B = 8 with norm: 12.48 us against 13.28 with all three
+    // of a warp's items in flight and 21.24 with one; gate|up 30.17 against 32.04 with 4 slots).
+    const int tg = kWarps / q.k_groups;
+    const int64_t items = static_cast<int64_t>((q.steps + q.k_groups - 1) / q.k_groups) * ((q.max_tiles + tg - 1) / tg);
+    const size_t per_slot = static_cast<size_t>(kWarps) * q.stage_bytes;
     const size_t room = smem_optin > static_cast<int>(fixed) ? smem_optin - fixed : 0;
     const int cap = std::clamp(ov.stages, 1, kDirectMaxSlots);
-    p.stages = static_cast<int32_t>(std::min<int64_t>({items, cap, static_cast<int64_t>(room / per_slot)}));
-    p.act_offset = static_cast<int32_t>(fixed);  // the slots follow the tables and partial slots
-    smem = fixed + per_slot * std::max(p.stages, 1);
-    if (p.stages >= std::min<int64_t>(items, 2) || grid >= std::min(p.total_tiles, kMaxGrid)) break;
-    grid = std::min({p.total_tiles, grid * 2, kMaxGrid});
+    q.stages = static_cast<int32_t>(std::min<int64_t>({items, cap, static_cast<int64_t>(room / per_slot)}));
+    q.act_offset = static_cast<int32_t>(fixed);  // the slots follow the tables and partial slots
+    smem = fixed + per_slot * std::max(q.stages, 1);
+    if (q.stages >= std::min<int64_t>(items, 2) || grid >= std::min(q.total_tiles, kMaxGrid)) break;
+    grid = std::min({q.total_tiles, grid * 2, kMaxGrid});
   }
-  if (p.stages < 1 || smem > static_cast<size_t>(smem_optin)) return cudaErrorInvalidConfiguration;
-  for (int c = 0; c <= grid; ++c) p.cta_tile[c] = first_tile_at(p, cta_cost_bound(p, c, grid));
-  static int smem_set[64] = {};
+  if (q.stages < 1 || smem > static_cast<size_t>(smem_optin)) return cudaErrorInvalidConfiguration;
+  for (int c = 0; c <= grid; ++c) q.cta_tile[c] = first_tile_at(q, cta_cost_bound(q, c, grid));
+  static int smem_set[64] = {};  // per device (and instance): the dynamic shared memory limit raised
   if (smem > 48 * 1024 && (device >= 64 || smem_set[device] < static_cast<int>(smem))) {
-    const cudaError_t err = cudaFuncSetAttribute(mat_vec_q4k_direct_kernel,
+    const cudaError_t err = cudaFuncSetAttribute(mat_vec_direct_kernel<kMask>,
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                  static_cast<int>(smem));
     if (err != cudaSuccess) return err;
     if (device < 64) smem_set[device] = static_cast<int>(smem);
   }
-  return launch_kernel(mat_vec_q4k_direct_kernel, dim3(grid), dim3(kThreads), smem, stream, p);
+  return launch_kernel(mat_vec_direct_kernel<kMask>, dim3(grid), dim3(kThreads), smem, stream, q);
+}
+
+// The direct kernel's type set for a launch, or 0 where it does not apply (other types, or K not a
+// multiple of 256: its items are whole 256-value steps).
+int direct_mask(const Params& p, int types) {
+  if (p.x_blocks % kStepBlocks != 0) return 0;
+  if (types == kDirectQ4K) return kDirectQ4K;
+  if ((types & ~kDirectKQuants) == 0) return kDirectKQuants;
+  if (types == kDirectQ4_0) return kDirectQ4_0;
+  return 0;
 }
 
 // The launch parameters common to both entry points; returns the type_bit set of the segments, or -1.
@@ -1193,10 +1396,13 @@ int fill_params(Params& p, const uint8_t* weight, const SegmentTable& table, int
 
 cudaError_t launch_any(Params& p, int types, int device, cudaStream_t stream) {
   const bool one = p.batch == 1;  // a lone row takes the one-column kernel
-  if (types == type_bit(kQ4_K) && p.norm.x == nullptr && overrides().direct) {
+  const int dmask = p.norm.x == nullptr && overrides().direct ? direct_mask(p, types) : 0;
+  if (dmask != 0) {
     // InvalidConfiguration: not even one slot per warp fits next to the partial sums (a CTA with a
     // very large share of tiles); the staged kernel then gets its chance.
-    const cudaError_t err = launch_direct(p, device, stream);
+    const cudaError_t err = dmask == kDirectQ4K    ? launch_direct<kDirectQ4K>(p, device, stream)
+                            : dmask == kDirectQ4_0 ? launch_direct<kDirectQ4_0>(p, device, stream)
+                                                   : launch_direct<kDirectKQuants>(p, device, stream);
     if (err != cudaErrorInvalidConfiguration) return err;
   }
   if ((types & ~kMaskKQuants) == 0) {
