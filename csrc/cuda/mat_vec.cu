@@ -757,6 +757,19 @@ struct DirectTile {
 // 240 for Q6_K's 14 granules (a 210-byte block from any even offset).
 constexpr int kDirectRowStride = 160;
 constexpr int kDirectQ6KRowStride = 240;
+static_assert(sizeof(TileInfo) % 16 == 0, "the partial slots after the tile table must stay 16-byte aligned");
+// The direct kernel's shared memory: tile table | partial slots (float4) | DirectTile table | slot
+// rings, each part 16-byte aligned (the slots take 16-byte cp.async, the partials float4 accesses).
+__host__ __device__ constexpr size_t direct_partials_offset(int max_tiles) {
+  return static_cast<size_t>(max_tiles) * sizeof(TileInfo);
+}
+__host__ __device__ constexpr size_t direct_dtiles_offset(int max_tiles, int k_groups) {
+  return direct_partials_offset(max_tiles) + static_cast<size_t>(max_tiles) * k_groups * 32 * 16;
+}
+__host__ __device__ constexpr size_t direct_slots_offset(int max_tiles, int k_groups) {
+  return (direct_dtiles_offset(max_tiles, k_groups) + static_cast<size_t>(max_tiles) * sizeof(DirectTile) + 15) &
+         ~size_t{15};
+}
 constexpr int kDirectMaxSlots = 8;
 constexpr int kAlignedItemBytes = 144;  // a Q4_K block; 8 Q4_0 blocks
 constexpr int kQ6KRowGranules = 14;
@@ -1118,8 +1131,8 @@ __global__ void __launch_bounds__(kThreads, 1) mat_vec_direct_kernel(const __gri
   if (n_tiles <= 0) return;
 
   TileInfo* tiles = reinterpret_cast<TileInfo*>(smem);
-  DirectTile* dtiles = reinterpret_cast<DirectTile*>(smem + static_cast<size_t>(p.max_tiles) * sizeof(TileInfo));
-  float* partials = reinterpret_cast<float*>(smem + static_cast<size_t>(p.max_tiles) * (sizeof(TileInfo) + sizeof(DirectTile)));
+  float* partials = reinterpret_cast<float*>(smem + direct_partials_offset(p.max_tiles));
+  DirectTile* dtiles = reinterpret_cast<DirectTile*>(smem + direct_dtiles_offset(p.max_tiles, p.k_groups));
   build_tile_table(p, tile0, n_tiles, tiles);
   // Each thread reads back only the entries it wrote itself (same i stride): no barrier needed here.
   for (int i = threadIdx.x; i < n_tiles; i += blockDim.x) {
@@ -1321,8 +1334,7 @@ cudaError_t launch_direct(Params& p, int device, cudaStream_t stream) {
   for (;;) {
     q.max_tiles = max_tiles_for(q, grid);
     q.k_groups = ov.k_groups > 0 ? ov.k_groups : best_k_groups(q);
-    const size_t fixed = static_cast<size_t>(q.max_tiles) * (sizeof(TileInfo) + sizeof(DirectTile)) +
-                         static_cast<size_t>(q.max_tiles) * q.k_groups * 32 * 16;
+    const size_t fixed = direct_slots_offset(q.max_tiles, q.k_groups);
     // Slots per warp: GGFUSE_MV_STAGES (default 2), at most the busiest warp's items and what fits.
     // Two measured best on the H200 (QKV Q4_K B = 8 with norm: 12.48 us against 13.28 with all three
     // of a warp's items in flight and 21.24 with one; gate|up 30.17 against 32.04 with 4 slots).
