@@ -808,7 +808,9 @@ __device__ __forceinline__ int q6k_row_offset(const DirectTile& dt, int step, in
 // boundary) is copied byte by byte, so nothing outside the segment is read.
 __device__ __forceinline__ void stage_q6k_item(const DirectTile& dt, int step, int lane, uint8_t* slot) {
   constexpr int kGranules = kTileRows * kQ6KRowGranules;  // 224: 7 per lane
-#pragma unroll
+  // Not unrolled: seven copies' 64-bit addresses alive at once cost the mixed kernel spills at its
+  // 96-register cap (kDirectMaxRegisters).
+#pragma unroll 1
   for (int k = 0; k < kGranules / 32; ++k) {
     const int i = lane + 32 * k;
     const int r = i / kQ6KRowGranules, c = i - kQ6KRowGranules * r;
@@ -832,25 +834,6 @@ __device__ __forceinline__ uint2 lds64u(const uint8_t* base, int off) {
   return make_uint2(__funnelshift_r(w[0], w[1], sh), __funnelshift_r(w[1], w[2], sh));
 }
 
-// Lane (g, t)'s view of a Q4_K item: headers (d, dmin, scales) of rows g and g + 8, and bytes 8t..8t+7
-// of each 32-byte run of their qs.
-struct Q4KItem {
-  uint4 h0, h1;
-  uint2 q0[4], q1[4];
-};
-__device__ __forceinline__ void read_q4k_item(const uint8_t* slot, int lane, Q4KItem& w) {
-  const int g = lane >> 2, t = lane & 3;
-  const uint8_t* r0 = slot + g * kDirectRowStride;
-  const uint8_t* r1 = r0 + 8 * kDirectRowStride;
-  w.h0 = *reinterpret_cast<const uint4*>(r0);
-  w.h1 = *reinterpret_cast<const uint4*>(r1);
-#pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    w.q0[c] = *reinterpret_cast<const uint2*>(r0 + 16 + 32 * c + 8 * t);
-    w.q1[c] = *reinterpret_cast<const uint2*>(r1 + 16 + 32 * c + 8 * t);
-  }
-}
-
 // k_scale_min (formats.h) for all 8 sub-blocks of a header, packed a byte per sub-block:
 // sc[0] holds sub-blocks 0..3, sc[1] 4..7; likewise m.
 __device__ __forceinline__ void unpack_k_scales(const uint4& h, uint32_t (&sc)[2], uint32_t (&m)[2]) {
@@ -865,22 +848,28 @@ __device__ __forceinline__ int byte_s(uint32_t w, int i) { return static_cast<in
 // r[0..3] = (row g, col 2t), (row g, col 2t+1), (row g+8, col 2t), (row g+8, col 2t+1).
 // m_sel: __byte_perm selector that puts byte t of a word under the exponent of 2^23 (the lane's
 // sub-blocks t and t + 4 of the min product).
+// Lane (g, t) reads the headers (d, dmin, scales) of its rows g and g + 8 and bytes 8t..8t+7 of each
+// 32-byte run of their qs (a run at a time, so that few registers hold weights).
 __device__ __forceinline__ void compute_q4k_item(const uint8_t* slot, const DirectAct& act, int lane,
                                                  float (&r)[4]) {
-  Q4KItem w;
-  read_q4k_item(slot, lane, w);
-  const uint32_t m_sel = 0x7650u + static_cast<uint32_t>(lane & 3);
+  const int g = lane >> 2, t = lane & 3;
+  const uint8_t* r0 = slot + g * kDirectRowStride;
+  const uint8_t* r1 = r0 + 8 * kDirectRowStride;
+  const uint4 h0 = *reinterpret_cast<const uint4*>(r0), h1 = *reinterpret_cast<const uint4*>(r1);
+  const uint32_t m_sel = 0x7650u + static_cast<uint32_t>(t);
   uint32_t sc0[2], m0[2], sc1[2], m1[2];
-  unpack_k_scales(w.h0, sc0, m0);
-  unpack_k_scales(w.h1, sc1, m1);
+  unpack_k_scales(h0, sc0, m0);
+  unpack_k_scales(h1, sc1, m1);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
+    const uint2 q0 = *reinterpret_cast<const uint2*>(r0 + 16 + 32 * c + 8 * t);
+    const uint2 q1 = *reinterpret_cast<const uint2*>(r1 + 16 + 32 * c + 8 * t);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int j = 2 * c + h;  // low nibbles: sub-block 2c, high: 2c + 1
-      const uint32_t a[4] = {(w.q0[c].x >> (4 * h)) & kNibbles, (w.q1[c].x >> (4 * h)) & kNibbles,
-                             (w.q0[c].y >> (4 * h)) & kNibbles, (w.q1[c].y >> (4 * h)) & kNibbles};
+      const uint32_t a[4] = {(q0.x >> (4 * h)) & kNibbles, (q1.x >> (4 * h)) & kNibbles,
+                             (q0.y >> (4 * h)) & kNibbles, (q1.y >> (4 * h)) & kNibbles};
       int cc[4];
       mma_k32_z(cc, a, act.b[j][0], act.b[j][1]);
       const int s0 = byte_u(sc0[j >> 2], j & 3), s1 = byte_u(sc1[j >> 2], j & 3);
@@ -898,8 +887,8 @@ __device__ __forceinline__ void compute_q4k_item(const uint8_t* slot, const Dire
   float accm[4] = {0.f, 0.f, 0.f, 0.f};
   mma_tf32(accm, am, act.mb_hi[0], act.mb_hi[1]);
   mma_tf32(accm, am, act.mb_lo[0], act.mb_lo[1]);
-  const float d0 = h2f(w.h0.x), dmin0 = h2f(w.h0.x >> 16);
-  const float d1 = h2f(w.h1.x), dmin1 = h2f(w.h1.x >> 16);
+  const float d0 = h2f(h0.x), dmin0 = h2f(h0.x >> 16);
+  const float d1 = h2f(h1.x), dmin1 = h2f(h1.x >> 16);
   r[0] = d0 * acc[0] - dmin0 * accm[0];
   r[1] = d0 * acc[1] - dmin0 * accm[1];
   r[2] = d1 * acc[2] - dmin1 * accm[2];
@@ -956,12 +945,10 @@ __device__ __forceinline__ void compute_q6k_item(const uint8_t* slot, int o0, in
   const uint8_t* r0 = slot + g * kDirectQ6KRowStride;
   const uint8_t* r1 = r0 + 8 * kDirectQ6KRowStride;
   const bool first_group = t < 2;  // this lane's values 8t..8t+7 lie in the block's first 16
-  const uint2 sa0 = lds64u(r0, o0 + 192), sb0 = lds64u(r0, o0 + 200);
-  const uint2 sa1 = lds64u(r1, o1 + 192), sb1 = lds64u(r1, o1 + 200);
-  const uint32_t sc0[4] = {sa0.x, sa0.y, sb0.x, sb0.y}, sc1[4] = {sa1.x, sa1.y, sb1.x, sb1.y};
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int n = 0; n < 2; ++n) {
+    const uint2 sc0 = lds64u(r0, o0 + 192 + 8 * n), sc1 = lds64u(r1, o1 + 192 + 8 * n);  // groups 8n..8n+7
     const uint2 A0 = lds64u(r0, o0 + 64 * n + 8 * t), B0 = lds64u(r0, o0 + 64 * n + 32 + 8 * t);
     const uint2 H0 = lds64u(r0, o0 + 128 + 32 * n + 8 * t);
     const uint2 A1 = lds64u(r1, o1 + 64 * n + 8 * t), B1 = lds64u(r1, o1 + 64 * n + 32 + 8 * t);
@@ -978,9 +965,10 @@ __device__ __forceinline__ void compute_q6k_item(const uint8_t* slot, int o0, in
       int ce[4], co[4];
       mma_k32_z(ce, a, bf0, bf1);
       mma_k32_z(co, a, act.b[blk][0] ^ bf0, act.b[blk][1] ^ bf1);
-      const int sw = 2 * n + (tq >> 1), sb = 2 * (tq & 1);  // group 8n + 2tq: byte sb of word sw
-      const int se0 = byte_s(sc0[sw], sb), so0 = byte_s(sc0[sw], sb + 1);
-      const int se1 = byte_s(sc1[sw], sb), so1 = byte_s(sc1[sw], sb + 1);
+      const int sb = 2 * (tq & 1);  // group 8n + 2tq: byte sb of word tq >> 1 of the half's scales
+      const uint32_t sw0 = (tq >> 1) ? sc0.y : sc0.x, sw1 = (tq >> 1) ? sc1.y : sc1.x;
+      const int se0 = byte_s(sw0, sb), so0 = byte_s(sw0, sb + 1);
+      const int se1 = byte_s(sw1, sb), so1 = byte_s(sw1, sb + 1);
       acc[0] = fmaf(__int2float_rn(se0 * ce[0] + so0 * co[0]), act.dx0[blk], acc[0]);
       acc[1] = fmaf(__int2float_rn(se0 * ce[1] + so0 * co[1]), act.dx1[blk], acc[1]);
       acc[2] = fmaf(__int2float_rn(se1 * ce[2] + so1 * co[2]), act.dx0[blk], acc[2]);
@@ -1116,11 +1104,17 @@ __global__ void __launch_bounds__(kThreads, 1) mat_vec_kernel(const __grid_const
   store_tiles(p, tiles, partials, n_tiles);
 }
 
+// Registers per thread of the direct kernel. With 96, a CTA (512 threads: 48 K registers) leaves room
+// on its SM for one CTA of the norm kernel (256 threads x 56: 14 K of the 64 K), so the next layer's
+// norm starts as soon as the PDL trigger allows instead of when this kernel's CTAs exit: H200, QKV
+// B = 8 with norm, 12.48-12.66 us at 95 registers, 15.34 when the compiler took 122.
+constexpr int kDirectMaxRegisters = 96;
+
 // The direct kernel (kMask: one of the kDirect* type sets): the staged kernel's work split (CTA tile
 // ranges, K groups, partial slots, store); each warp's items go through its ring of p.stages slots of
 // p.stage_bytes, the first p.stages issued before the PDL wait, so they overlap the producer of x.
 template <int kMask>
-__global__ void __launch_bounds__(kThreads, 1) mat_vec_direct_kernel(const __grid_constant__ Params p) {
+__global__ void __maxnreg__(kDirectMaxRegisters) mat_vec_direct_kernel(const __grid_constant__ Params p) {
   extern __shared__ __align__(16) uint8_t smem[];
   allow_dependent_launch();
 
