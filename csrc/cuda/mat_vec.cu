@@ -59,8 +59,8 @@ constexpr uint32_t kOnes = 0x01010101u;
 //   * weights made only of Q4_K rows, batch chunks of 1-2, reading the weights straight from global
 //     memory (QKV 5.3 vs 9.2 us at B=1, 6.8 vs 10.3 at B=2; equal or slower from B=4; staged through
 //     shared memory it measured 6.5 at B=1);
-//   * weights with any 2-byte aligned type (Q4_0, Q5_0, Q8_0, Q6_K), chunks of 1-4, those rows
-//     staged through shared memory (all rows staged: QKV Q4_0 6.7 / 7.7 / 9.9 us at B=1 / 2 / 4
+//   * weights with any 2-byte aligned type (Q4_0, Q5_0, Q8_0, Q6_K), chunks of 1-4 (1-2 where the
+//     direct kernel below takes the weights: use_dp4a), those rows staged through shared memory (all rows staged: QKV Q4_0 6.7 / 7.7 / 9.9 us at B=1 / 2 / 4
 //     against 10.3 / 11.4 / 11.9; Q4_K+Q6_K 7.1 / 8.7 / 12.3 against 13.2 / 14.4 / 14.7); unstaged,
 //     these were slower than MMA. Where the staged rows do not fit, the MMA kernel runs.
 // GGFUSE_MV_DP4A=N forces the dp4a kernel for every chunk of <= N rows and every type (0: never);
@@ -1251,13 +1251,17 @@ const Overrides& overrides() {
 
 // Whether a batch chunk of `batch` rows of weights with these types (type_bit set) runs the dp4a
 // kernel, and with which rows staged (the measured rule above, or the GGFUSE_MV_DP4A / _STAGED knobs).
-bool use_dp4a(int types, int batch, DpStaging* staging) {
+// `direct`: the direct MMA kernel takes these weights; it beats the staged dp4a kernel from B = 3
+// on the 2-byte aligned types it handles (H200, QKV 4096 -> 6144 with norm, B = 3 / 4: Q4_0 12.29 /
+// 12.58 us against 12.17 / 13.38, Q4_K+Q6_K 13.64 / 13.99 against 14.16 / 15.47; gate|up Q4_0
+// 29.99 / 30.30 against 35.92 / 40.58).
+bool use_dp4a(int types, int batch, bool direct, DpStaging* staging) {
   const Overrides& ov = overrides();
   *staging = ov.staged_forced == 0 ? DpStaging::kNone
              : ov.staged_forced > 0 ? DpStaging::kAll
                                     : DpStaging::kTwoByteTypes;
   if (ov.dp4a_forced >= 0) return batch <= ov.dp4a_forced;
-  if ((types & kMask2ByteAligned) != 0) return batch <= kDp4aStagedMaxBatch;
+  if ((types & kMask2ByteAligned) != 0) return batch <= (direct ? kDp4aAutoMaxBatch : kDp4aStagedMaxBatch);
   return batch <= kDp4aAutoMaxBatch && (types & ~kDp4aAutoTypes) == 0;
 }
 
@@ -1437,7 +1441,8 @@ cudaError_t mat_vec_q8_1(const uint8_t* weight, int64_t weight_bytes, const Segm
   Params p{};
   const int types = fill_params(p, weight, table, k, n_out);
   if (types < 0) return cudaErrorInvalidValue;
-  // Batch rows 8 at a time (the N of the MMA); small chunks of Q4_K weights take the dp4a kernel.
+  const bool direct = overrides().direct && direct_mask(p, types) != 0;
+  // Batch rows 8 at a time (the N of the MMA); small chunks take the dp4a kernel.
   for (int64_t b0 = 0; b0 < batch; b0 += kMaxCols) {
     p.x = x_q8 + b0 * p.x_row_bytes;
     p.out = out + b0 * n_out;
@@ -1449,7 +1454,7 @@ cudaError_t mat_vec_q8_1(const uint8_t* weight, int64_t weight_bytes, const Segm
       continue;
     }
     DpStaging staging;
-    if (use_dp4a(types, p.batch, &staging)) {  // NotSupported: x (or, staged, x and the rows) does not fit
+    if (use_dp4a(types, p.batch, direct, &staging)) {  // NotSupported: x (or, staged, x and the rows) does not fit
       err = mat_vec_q8_1_dp4a(weight, weight_bytes, table, k, p.x, p.batch, p.out, n_out, staging, stream);
     }
     if (err == cudaErrorNotSupported) err = launch_any(p, types, device, stream);
