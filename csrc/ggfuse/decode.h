@@ -102,30 +102,36 @@ GGFUSE_HD float dequant_value(int32_t type, const uint8_t* block, int j) {
   }
 }
 
-// ---- per-block contributions to a dot product with Q8_1 activations (SPEC §2), fp32 ----
+// ---- per-block contributions to a dot product with Q8_1 activations (SPEC §2) ----
 // d_x, s_x: the Q8_1 block's scale and sum; sumi: sum of q_w * q_x over the covered values;
-// sumq: sum of q_x over them.
+// sumq: sum of q_x over them. F is the arithmetic: float on CUDA (SPEC §2: fp32); the CPU evaluates
+// the same formulas in double and rounds once per output (cpu/mat_vec.cpp says why).
 //
 // Q4_0 / Q5_0 store unsigned quants; their offset (8 / 16) is subtracted through s_x, the sum of the
 // unquantized activations, as ggml's CUDA backend does.
-GGFUSE_HD float dot_q4_0(float d_w, float d_x, float s_x, int sumi) {
-  return d_w * (d_x * static_cast<float>(sumi) - 8.0f * s_x);
+template <typename F>
+GGFUSE_HD F dot_q4_0(F d_w, F d_x, F s_x, int sumi) {
+  return d_w * (d_x * static_cast<F>(sumi) - F(8) * s_x);
 }
-GGFUSE_HD float dot_q5_0(float d_w, float d_x, float s_x, int sumi) {
-  return d_w * (d_x * static_cast<float>(sumi) - 16.0f * s_x);
+template <typename F>
+GGFUSE_HD F dot_q5_0(F d_w, F d_x, F s_x, int sumi) {
+  return d_w * (d_x * static_cast<F>(sumi) - F(16) * s_x);
 }
-GGFUSE_HD float dot_q8_0(float d_w, float d_x, int sumi) {
-  return d_w * (d_x * static_cast<float>(sumi));
+template <typename F>
+GGFUSE_HD F dot_q8_0(F d_w, F d_x, int sumi) {
+  return d_w * (d_x * static_cast<F>(sumi));
 }
 // Q4_K / Q5_K sub-block of 32: the min term uses d_x * sum(q_x), not s_x, so the result is exactly
-// dequant(W) . dequant(x_q8) up to fp32 rounding (this is also what ggml's CUDA backend does).
+// dequant(W) . dequant(x_q8) up to rounding (this is also what ggml's CUDA backend does).
 // dsc = d * sc, dmn = dmin * m for the sub-block.
-GGFUSE_HD float dot_k_sub(float dsc, float dmn, float d_x, int sumi, int sumq) {
-  return d_x * (dsc * static_cast<float>(sumi) - dmn * static_cast<float>(sumq));
+template <typename F>
+GGFUSE_HD F dot_k_sub(F dsc, F dmn, F d_x, int sumi, int sumq) {
+  return d_x * (dsc * static_cast<F>(sumi) - dmn * static_cast<F>(sumq));
 }
 // Q6_K sub-block of 16 (always inside one Q8_1 block): dsc = d * scales[sub], quants in -32..31.
-GGFUSE_HD float dot_q6_k_sub(float dsc, float d_x, int sumi) {
-  return d_x * (dsc * static_cast<float>(sumi));
+template <typename F>
+GGFUSE_HD F dot_q6_k_sub(F dsc, F d_x, int sumi) {
+  return d_x * (dsc * static_cast<F>(sumi));
 }
 
 }  // namespace ggfuse
