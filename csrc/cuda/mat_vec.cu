@@ -27,8 +27,8 @@
 //     shared memory, in the standalone norm kernel's order); with PDL the separate norm kernel
 //     measured faster, so that is behind GGFUSE_FUSED_NORM=1.
 // Batches above 8 are processed 8 rows per launch. Chunks of <= 2 rows of Q4_K-only weights go to the
-// dp4a kernel instead (mat_vec_dp4a.cu), where it measured faster (and chunks of <= 4 rows with a
-// 2-byte aligned type). Other chunks of weights made of Q4_K and Q6_K, or of Q4_0 alone, with K a
+// dp4a kernel instead (mat_vec_dp4a.cu), where it measured faster (as do chunks of <= 4 rows with a
+// 2-byte aligned type that the direct kernel does not take). Other chunks of weights made of Q4_K and Q6_K, or of Q4_0 alone, with K a
 // multiple of 256, run mat_vec_direct_kernel: the same work split and MMA, with fragments read at the
 // lanes' own offsets from padded rows, the Q4_K mins / Q4_0 offsets on the tensor cores (TF32) and
 // integer-scaled epilogues, so fewer instructions per item (its section below has the details).
@@ -60,7 +60,8 @@ constexpr uint32_t kOnes = 0x01010101u;
 //     memory (QKV 5.3 vs 9.2 us at B=1, 6.8 vs 10.3 at B=2; equal or slower from B=4; staged through
 //     shared memory it measured 6.5 at B=1);
 //   * weights with any 2-byte aligned type (Q4_0, Q5_0, Q8_0, Q6_K), chunks of 1-4 (1-2 where the
-//     direct kernel below takes the weights: use_dp4a), those rows staged through shared memory (all rows staged: QKV Q4_0 6.7 / 7.7 / 9.9 us at B=1 / 2 / 4
+//     direct kernel below takes the weights: use_dp4a), those rows staged through shared memory
+//     (all rows staged: QKV Q4_0 6.7 / 7.7 / 9.9 us at B=1 / 2 / 4
 //     against 10.3 / 11.4 / 11.9; Q4_K+Q6_K 7.1 / 8.7 / 12.3 against 13.2 / 14.4 / 14.7); unstaged,
 //     these were slower than MMA. Where the staged rows do not fit, the MMA kernel runs.
 // GGFUSE_MV_DP4A=N forces the dp4a kernel for every chunk of <= N rows and every type (0: never);
@@ -679,9 +680,9 @@ struct DirectAct {
 };
 
 // The type sets of the direct kernel's instances (type_bit masks).
-constexpr int kDirectQ4K = 8;         // Q4_K only
-constexpr int kDirectKQuants = 8 | 32;  // Q4_K and / or Q6_K (Q4_K_M's mixed layers)
-constexpr int kDirectQ4_0 = 1;        // Q4_0 only
+constexpr int kDirectQ4K = type_bit(kQ4_K);                          // Q4_K only
+constexpr int kDirectKQuants = type_bit(kQ4_K) | type_bit(kQ6_K);     // Q4_K and / or Q6_K (Q4_K_M)
+constexpr int kDirectQ4_0 = type_bit(kQ4_0);                          // Q4_0 only
 
 __device__ __forceinline__ uint32_t tf32_round(float v) {
   uint32_t r;
