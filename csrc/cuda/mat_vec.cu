@@ -778,21 +778,38 @@ __host__ __device__ constexpr int direct_slot_bytes(int mask) {
   return kTileRows * ((mask & type_bit(kQ6_K)) != 0 ? kDirectQ6KRowStride : kDirectRowStride);
 }
 
-// Q4_K and Q4_0 items: 9 granules per row. Rows past the end of the segment (its last tile) copy the
-// tile's last valid row instead: nothing outside the segment is read, and store_tiles drops those rows.
+// Staging an item: lane pair r = lane >> 1 owns slot row r and copies the row's granules c = 2k + h - p
+// (h = lane & 1, k = 0, 1, ...), where p is 1 when the row's first granule starts at 16 (mod 32) bytes:
+// each pair's two 16-byte copies then fill one 32-byte sector, and every copy of a lane is one base
+// address plus an immediate offset. (Spreading granules over lanes in order, as v12 did, costs a
+// division, a clamp and 64-bit address arithmetic per granule: ~30 instructions per Q6_K granule.)
+// Rows past the end of the segment (its last tile) copy the tile's last valid row instead: nothing
+// outside the segment is read, and store_tiles drops those rows.
+struct RowCopy {
+  const uint8_t* src;  // the lane's first granule (may be one before the row's first: then k = 0 is off)
+  uint8_t* dst;
+  int q;               // h - p: -1, 0 or 1
+};
+__device__ __forceinline__ RowCopy row_copy(const DirectTile& dt, int step, int item_bytes, int row_stride,
+                                            int lane, uint8_t* slot) {
+  const int r = lane >> 1;
+  const int rr = min(r, dt.rows_valid - 1);
+  const uint8_t* start = dt.row0 + static_cast<int64_t>(rr) * dt.row_bytes + static_cast<int64_t>(step) * item_bytes;
+  const uintptr_t a16 = reinterpret_cast<uintptr_t>(start) & ~uintptr_t{15};
+  RowCopy rc;
+  rc.q = (lane & 1) - static_cast<int>((a16 >> 4) & 1u);
+  rc.src = reinterpret_cast<const uint8_t*>(a16 + static_cast<intptr_t>(16 * rc.q));
+  rc.dst = slot + r * row_stride + 16 * rc.q;
+  return rc;
+}
+
+// Q4_K and Q4_0 items: 9 granules per row (144 bytes, 16-byte aligned), k = 0..4.
 __device__ __forceinline__ void stage_aligned_item(const DirectTile& dt, int step, int lane, uint8_t* slot) {
-  constexpr int kRowGranules = kAlignedItemBytes / 16;  // 9
-  constexpr int kGranules = kTileRows * kRowGranules;   // 144
-  const uint8_t* base = dt.row0 + step * kAlignedItemBytes;
+  const RowCopy rc = row_copy(dt, step, kAlignedItemBytes, kDirectRowStride, lane, slot);
+  if (rc.q >= 0) cp_async_16(rc.dst, rc.src);
 #pragma unroll
-  for (int k = 0; k < (kGranules + 31) / 32; ++k) {
-    const int i = lane + 32 * k;
-    if (i < kGranules) {
-      const int r = i / kRowGranules, c = i - kRowGranules * r;
-      const int rr = min(r, dt.rows_valid - 1);
-      cp_async_16(slot + r * kDirectRowStride + 16 * c, base + static_cast<int64_t>(rr) * dt.row_bytes + 16 * c);
-    }
-  }
+  for (int k = 1; k < 4; ++k) cp_async_16(rc.dst + 32 * k, rc.src + 32 * k);
+  if (rc.q <= 0) cp_async_16(rc.dst + 128, rc.src + 128);
 }
 
 // Where row r's block of step `step` starts inside its first granule (even, 0..14), for the row that
@@ -804,25 +821,29 @@ __device__ __forceinline__ int q6k_row_offset(const DirectTile& dt, int step, in
                            static_cast<uint32_t>(step) * static_cast<uint32_t>(sizeof(BlockQ6_K))) & 15u);
 }
 
-// Q6_K items: the 14 granules that enclose each row's 210-byte block. The granule that would run past
-// the end of the segment (its last row's last block, when the segment does not end on a 16-byte
-// boundary) is copied byte by byte, so nothing outside the segment is read.
+// Q6_K items: the 14 granules that enclose each row's 210-byte block, k = 0..7. A granule that would
+// run past the end of the segment (the last row's last block, when the segment does not end on a
+// 16-byte boundary) is copied byte by byte up to that end, so nothing outside the segment is read;
+// that happens only on the lanes of one row of one item per segment.
 __device__ __forceinline__ void stage_q6k_item(const DirectTile& dt, int step, int lane, uint8_t* slot) {
-  constexpr int kGranules = kTileRows * kQ6KRowGranules;  // 224: 7 per lane
-  // Not unrolled: seven copies' 64-bit addresses alive at once cost the mixed kernel spills at its
-  // 96-register cap (kDirectMaxRegisters).
+  const RowCopy rc = row_copy(dt, step, static_cast<int>(sizeof(BlockQ6_K)), kDirectQ6KRowStride, lane, slot);
+  const int64_t avail = dt.seg_end - rc.src;  // bytes from the lane's first granule to the segment end
+  if (avail >= 32 * 7 + 16) {                 // every granule of the lane lies inside the segment
+    if (rc.q >= 0) cp_async_16(rc.dst, rc.src);
+#pragma unroll
+    for (int k = 1; k < 7; ++k) cp_async_16(rc.dst + 32 * k, rc.src + 32 * k);
+    if (rc.q < 0) cp_async_16(rc.dst + 32 * 7, rc.src + 32 * 7);
+  } else {
 #pragma unroll 1
-  for (int k = 0; k < kGranules / 32; ++k) {
-    const int i = lane + 32 * k;
-    const int r = i / kQ6KRowGranules, c = i - kQ6KRowGranules * r;
-    const int rr = min(r, dt.rows_valid - 1);
-    const uint8_t* start = dt.row0 + static_cast<int64_t>(rr) * dt.row_bytes + step * static_cast<int>(sizeof(BlockQ6_K));
-    const uint8_t* src = reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(start) & ~uintptr_t{15}) + 16 * c;
-    uint8_t* dst = slot + r * kDirectQ6KRowStride + 16 * c;
-    if (src + 16 <= dt.seg_end) {
-      cp_async_16(dst, src);
-    } else {
-      for (int e = 0; src + e < dt.seg_end; ++e) dst[e] = src[e];
+    for (int k = 0; k < 8; ++k) {
+      const int c = 2 * k + rc.q;
+      if (c < 0 || c >= kQ6KRowGranules) continue;
+      const int64_t left = avail - 32 * k;  // bytes of this granule inside the segment
+      if (left >= 16) {
+        cp_async_16(rc.dst + 32 * k, rc.src + 32 * k);
+      } else {
+        for (int e = 0; e < left; ++e) rc.dst[32 * k + e] = rc.src[32 * k + e];
+      }
     }
   }
 }
@@ -930,9 +951,22 @@ __device__ __forceinline__ void compute_q4_0_item(const uint8_t* slot, const Dir
   for (int i = 0; i < 4; ++i) r[i] = acc[i] - 8.0f * accs[i];
 }
 
-// One Q6_K quant word: 4 values from a word of ql (nibble `nib`) and of qh (bits hb, hb + 1), - 32.
-__device__ __forceinline__ uint32_t q6_quants(uint32_t ql, uint32_t qh, int nib, int hb) {
-  return minus32(((ql >> nib) & kNibbles) | (((qh >> hb) & 0x03030303u) << 4));
+// 8 bytes at `off` (a multiple of 4) past a 4-byte aligned shared-memory pointer, shifted right by
+// sh bits (8 * the row's misalignment): three aligned words and two funnel shifts.
+__device__ __forceinline__ uint2 lds64_shifted(const uint8_t* aligned, int off, uint32_t sh) {
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(aligned + off);
+  return make_uint2(__funnelshift_r(w[0], w[1], sh), __funnelshift_r(w[1], w[2], sh));
+}
+
+// One Q6_K quant word for the MMA: 4 values as 4 (q - 32), signed bytes, from a word of ql (low
+// nibbles: kNib 0, high: 4) and of qh (bits kHb, kHb + 1). With q = lo + 16 h, 4 q - 128 is, mod 256,
+// lo in bits 2..5, h0 in bit 6 and NOT h1 in bit 7, which is also its sign: two LOP3s and the shifts,
+// no borrow across bytes (an exact - 32 costs three more). The factor 4 goes back into d.
+template <int kNib, int kHb>
+__device__ __forceinline__ uint32_t q6_quants_x4(uint32_t ql, uint32_t qh) {
+  const uint32_t lo = kNib == 0 ? ql << 2 : ql >> 2;
+  const uint32_t hs = qh << (6 - kHb);
+  return (lo & 0x3C3C3C3Cu) | (hs & 0x40404040u) | (~hs & 0x80808080u);
 }
 
 // Q6_K items (one 210-byte block per row, starting at the even offsets o0 / o1 of rows g / g + 8 in
@@ -940,26 +974,46 @@ __device__ __forceinline__ uint32_t q6_quants(uint32_t ql, uint32_t qh, int nib,
 // 128n..128n+127) is made of the runs ql[64n + l], ql[64n + 32 + l], qh[32n + l], l = 0..31, and its
 // quarter tq (a Q8_1 block, values 128n + 32tq + l) takes the low (tq < 2) or high nibbles of the
 // first (tq even) or second run and bits 2tq, 2tq+1 of qh, with scale groups 8n + 2tq + (l >= 16).
+// The quants go into the MMA as 4 (q - 32) (q6_quants_x4): |sumi| <= 16 * 128 * 127 per group, the
+// item's integer per block and element sc_e sumi_e + sc_o sumi_o stays below 2^26 (int32-safe; its
+// float conversion rounds once, 2^-24 relative), and d / 4 multiplies the item's sum.
 __device__ __forceinline__ void compute_q6k_item(const uint8_t* slot, int o0, int o1, const DirectAct& act,
                                                  int lane, float (&r)[4]) {
   const int g = lane >> 2, t = lane & 3;
   const uint8_t* r0 = slot + g * kDirectQ6KRowStride;
   const uint8_t* r1 = r0 + 8 * kDirectQ6KRowStride;
+  // Every piece a lane reads sits at o + (a multiple of 4): one aligned base and shift per row.
+  const uint32_t sh0 = static_cast<uint32_t>(o0 & 3) * 8u, sh1 = static_cast<uint32_t>(o1 & 3) * 8u;
+  const uint8_t* q0 = r0 + ((o0 + 8 * t) & ~3);  // the lane's bytes of each 32-byte run
+  const uint8_t* q1 = r1 + ((o1 + 8 * t) & ~3);
+  const uint8_t* s0 = r0 + (o0 & ~3);  // scales, d
+  const uint8_t* s1 = r1 + (o1 & ~3);
   const bool first_group = t < 2;  // this lane's values 8t..8t+7 lie in the block's first 16
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int n = 0; n < 2; ++n) {
-    const uint2 sc0 = lds64u(r0, o0 + 192 + 8 * n), sc1 = lds64u(r1, o1 + 192 + 8 * n);  // groups 8n..8n+7
-    const uint2 A0 = lds64u(r0, o0 + 64 * n + 8 * t), B0 = lds64u(r0, o0 + 64 * n + 32 + 8 * t);
-    const uint2 H0 = lds64u(r0, o0 + 128 + 32 * n + 8 * t);
-    const uint2 A1 = lds64u(r1, o1 + 64 * n + 8 * t), B1 = lds64u(r1, o1 + 64 * n + 32 + 8 * t);
-    const uint2 H1 = lds64u(r1, o1 + 128 + 32 * n + 8 * t);
+    const uint2 sc0 = lds64_shifted(s0, 192 + 8 * n, sh0), sc1 = lds64_shifted(s1, 192 + 8 * n, sh1);
+    const uint2 A0 = lds64_shifted(q0, 64 * n, sh0), B0 = lds64_shifted(q0, 64 * n + 32, sh0);
+    const uint2 H0 = lds64_shifted(q0, 128 + 32 * n, sh0);
+    const uint2 A1 = lds64_shifted(q1, 64 * n, sh1), B1 = lds64_shifted(q1, 64 * n + 32, sh1);
+    const uint2 H1 = lds64_shifted(q1, 128 + 32 * n, sh1);
 #pragma unroll
     for (int tq = 0; tq < 4; ++tq) {
       const uint2 L0 = (tq & 1) ? B0 : A0, L1 = (tq & 1) ? B1 : A1;
-      const int nib = 4 * (tq >> 1), hb = 2 * tq;
-      const uint32_t a[4] = {q6_quants(L0.x, H0.x, nib, hb), q6_quants(L1.x, H1.x, nib, hb),
-                             q6_quants(L0.y, H0.y, nib, hb), q6_quants(L1.y, H1.y, nib, hb)};
+      uint32_t a[4];
+      if (tq == 0) {
+        a[0] = q6_quants_x4<0, 0>(L0.x, H0.x), a[1] = q6_quants_x4<0, 0>(L1.x, H1.x);
+        a[2] = q6_quants_x4<0, 0>(L0.y, H0.y), a[3] = q6_quants_x4<0, 0>(L1.y, H1.y);
+      } else if (tq == 1) {
+        a[0] = q6_quants_x4<0, 2>(L0.x, H0.x), a[1] = q6_quants_x4<0, 2>(L1.x, H1.x);
+        a[2] = q6_quants_x4<0, 2>(L0.y, H0.y), a[3] = q6_quants_x4<0, 2>(L1.y, H1.y);
+      } else if (tq == 2) {
+        a[0] = q6_quants_x4<4, 4>(L0.x, H0.x), a[1] = q6_quants_x4<4, 4>(L1.x, H1.x);
+        a[2] = q6_quants_x4<4, 4>(L0.y, H0.y), a[3] = q6_quants_x4<4, 4>(L1.y, H1.y);
+      } else {
+        a[0] = q6_quants_x4<4, 6>(L0.x, H0.x), a[1] = q6_quants_x4<4, 6>(L1.x, H1.x);
+        a[2] = q6_quants_x4<4, 6>(L0.y, H0.y), a[3] = q6_quants_x4<4, 6>(L1.y, H1.y);
+      }
       const int blk = 4 * n + tq;
       // B of the first group only (lanes t >= 2 zeroed), then of the second only.
       const uint32_t bf0 = first_group ? act.b[blk][0] : 0u, bf1 = first_group ? act.b[blk][1] : 0u;
@@ -976,7 +1030,7 @@ __device__ __forceinline__ void compute_q6k_item(const uint8_t* slot, int o0, in
       acc[3] = fmaf(__int2float_rn(se1 * ce[3] + so1 * co[3]), act.dx1[blk], acc[3]);
     }
   }
-  const float d0 = h2f(lds16at(r0, o0 + 208)), d1 = h2f(lds16at(r1, o1 + 208));
+  const float d0 = 0.25f * h2f(lds16at(r0, o0 + 208)), d1 = 0.25f * h2f(lds16at(r1, o1 + 208));
   r[0] = d0 * acc[0];
   r[1] = d0 * acc[1];
   r[2] = d1 * acc[2];
