@@ -778,38 +778,32 @@ __host__ __device__ constexpr int direct_slot_bytes(int mask) {
   return kTileRows * ((mask & type_bit(kQ6_K)) != 0 ? kDirectQ6KRowStride : kDirectRowStride);
 }
 
-// Staging an item: lane pair r = lane >> 1 owns slot row r and copies the row's granules c = 2k + h - p
-// (h = lane & 1, k = 0, 1, ...), where p is 1 when the row's first granule starts at 16 (mod 32) bytes:
-// each pair's two 16-byte copies then fill one 32-byte sector, and every copy of a lane is one base
-// address plus an immediate offset. (Spreading granules over lanes in order, as v12 did, costs a
-// division, a clamp and 64-bit address arithmetic per granule: ~30 instructions per Q6_K granule.)
-// Rows past the end of the segment (its last tile) copy the tile's last valid row instead: nothing
-// outside the segment is read, and store_tiles drops those rows.
-struct RowCopy {
-  const uint8_t* src;  // the lane's first granule (may be one before the row's first: then k = 0 is off)
-  uint8_t* dst;
-  int q;               // h - p: -1, 0 or 1
-};
-__device__ __forceinline__ RowCopy row_copy(const DirectTile& dt, int step, int item_bytes, int row_stride,
-                                            int lane, uint8_t* slot) {
-  const int r = lane >> 1;
-  const int rr = min(r, dt.rows_valid - 1);
-  const uint8_t* start = dt.row0 + static_cast<int64_t>(rr) * dt.row_bytes + static_cast<int64_t>(step) * item_bytes;
-  const uintptr_t a16 = reinterpret_cast<uintptr_t>(start) & ~uintptr_t{15};
-  RowCopy rc;
-  rc.q = (lane & 1) - static_cast<int>((a16 >> 4) & 1u);
-  rc.src = reinterpret_cast<const uint8_t*>(a16 + static_cast<intptr_t>(16 * rc.q));
-  rc.dst = slot + r * row_stride + 16 * rc.q;
-  return rc;
+// Staging an item: the warp's lanes take its granules in order (lane + 32 k), so that each copy
+// instruction covers ~512 contiguous-in-row bytes of 3-4 rows. (Lane pairs owning whole rows, one base
+// address per lane, made each instruction touch 16 rows' cache lines and measured 7-13% slower at
+// B = 4-8: docs/PERFORMANCE.md v13.) Rows past the end of the segment (its last tile) copy the tile's
+// last valid row instead: nothing outside the segment is read, and store_tiles drops those rows.
+
+// Row rr of a tile (rr < 16, 0 < row_bytes < 2^30): one 32 x 32 -> 64-bit multiply-add
+// (an int64 product costs three instructions).
+__device__ __forceinline__ const uint8_t* tile_row(const uint8_t* base, int rr, int32_t row_bytes) {
+  return base + static_cast<uint64_t>(static_cast<uint32_t>(rr)) * static_cast<uint32_t>(row_bytes);
 }
 
-// Q4_K and Q4_0 items: 9 granules per row (144 bytes, 16-byte aligned), k = 0..4.
+// Q4_K and Q4_0 items: 9 granules per row.
 __device__ __forceinline__ void stage_aligned_item(const DirectTile& dt, int step, int lane, uint8_t* slot) {
-  const RowCopy rc = row_copy(dt, step, kAlignedItemBytes, kDirectRowStride, lane, slot);
-  if (rc.q >= 0) cp_async_16(rc.dst, rc.src);
+  constexpr int kRowGranules = kAlignedItemBytes / 16;  // 9
+  constexpr int kGranules = kTileRows * kRowGranules;   // 144
+  const uint8_t* base = dt.row0 + step * kAlignedItemBytes;
 #pragma unroll
-  for (int k = 1; k < 4; ++k) cp_async_16(rc.dst + 32 * k, rc.src + 32 * k);
-  if (rc.q <= 0) cp_async_16(rc.dst + 128, rc.src + 128);
+  for (int k = 0; k < (kGranules + 31) / 32; ++k) {
+    const int i = lane + 32 * k;
+    if (i < kGranules) {
+      const int r = i / kRowGranules, c = i - kRowGranules * r;
+      const int rr = min(r, dt.rows_valid - 1);
+      cp_async_16(slot + r * kDirectRowStride + 16 * c, tile_row(base, rr, dt.row_bytes) + 16 * c);
+    }
+  }
 }
 
 // Where row r's block of step `step` starts inside its first granule (even, 0..14), for the row that
@@ -821,28 +815,40 @@ __device__ __forceinline__ int q6k_row_offset(const DirectTile& dt, int step, in
                            static_cast<uint32_t>(step) * static_cast<uint32_t>(sizeof(BlockQ6_K))) & 15u);
 }
 
-// Q6_K items: the 14 granules that enclose each row's 210-byte block, k = 0..7. A granule that would
-// run past the end of the segment (the last row's last block, when the segment does not end on a
-// 16-byte boundary) is copied byte by byte up to that end, so nothing outside the segment is read;
-// that happens only on the lanes of one row of one item per segment.
-__device__ __forceinline__ void stage_q6k_item(const DirectTile& dt, int step, int lane, uint8_t* slot) {
-  const RowCopy rc = row_copy(dt, step, static_cast<int>(sizeof(BlockQ6_K)), kDirectQ6KRowStride, lane, slot);
-  const int64_t avail = dt.seg_end - rc.src;  // bytes from the lane's first granule to the segment end
-  if (avail >= 32 * 7 + 16) {                 // every granule of the lane lies inside the segment
-    if (rc.q >= 0) cp_async_16(rc.dst, rc.src);
-#pragma unroll
-    for (int k = 1; k < 7; ++k) cp_async_16(rc.dst + 32 * k, rc.src + 32 * k);
-    if (rc.q < 0) cp_async_16(rc.dst + 32 * 7, rc.src + 32 * 7);
+// Q6_K items: the 14 granules that enclose each row's 210-byte block, 7 per lane. Granules can run
+// past the end of the segment only in its last row's last block, when the segment does not end on a
+// 16-byte boundary: one test per item (does the tile's last row's last granule end inside?) keeps the
+// per-granule work to the address arithmetic; otherwise each granule is tested, and one that would
+// cross the end is copied byte by byte up to it, so nothing outside the segment is read.
+__device__ __forceinline__ void stage_q6k_item(const DirectTile dt, int step, int lane, uint8_t* slot) {
+  constexpr int kGranules = kTileRows * kQ6KRowGranules;  // 224: 7 per lane
+  const uint8_t* base = dt.row0 + static_cast<int64_t>(step) * static_cast<int>(sizeof(BlockQ6_K));
+  const uint8_t* last = tile_row(base, dt.rows_valid - 1, dt.row_bytes);
+  const bool inside = reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(last) & ~uintptr_t{15}) +
+                          16 * kQ6KRowGranules <= dt.seg_end;
+  if (inside) {
+    // Rolled: seven unrolled copies' addresses cost the mixed kernel spills at its 96-register cap.
+#pragma unroll 1
+    for (int k = 0; k < kGranules / 32; ++k) {
+      const int i = lane + 32 * k;
+      const int r = i / kQ6KRowGranules, c = i - kQ6KRowGranules * r;
+      const uint8_t* start = tile_row(base, min(r, dt.rows_valid - 1), dt.row_bytes);
+      const uint8_t* src = reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(start) & ~uintptr_t{15});
+      cp_async_16(slot + r * kDirectQ6KRowStride + 16 * c, src + 16 * c);
+    }
   } else {
 #pragma unroll 1
-    for (int k = 0; k < 8; ++k) {
-      const int c = 2 * k + rc.q;
-      if (c < 0 || c >= kQ6KRowGranules) continue;
-      const int64_t left = avail - 32 * k;  // bytes of this granule inside the segment
-      if (left >= 16) {
-        cp_async_16(rc.dst + 32 * k, rc.src + 32 * k);
+    for (int k = 0; k < kGranules / 32; ++k) {
+      const int i = lane + 32 * k;
+      const int r = i / kQ6KRowGranules, c = i - kQ6KRowGranules * r;
+      const uint8_t* start = tile_row(base, min(r, dt.rows_valid - 1), dt.row_bytes);
+      const uint8_t* src =
+          reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(start) & ~uintptr_t{15}) + 16 * c;
+      uint8_t* dst = slot + r * kDirectQ6KRowStride + 16 * c;
+      if (src + 16 <= dt.seg_end) {
+        cp_async_16(dst, src);
       } else {
-        for (int e = 0; e < left; ++e) rc.dst[32 * k + e] = rc.src[32 * k + e];
+        for (int e = 0; src + e < dt.seg_end; ++e) dst[e] = src[e];
       }
     }
   }
