@@ -114,7 +114,8 @@ __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return
 struct SegDesc {
   int64_t byte_offset;  // first row in the weight buffer
   int64_t row_bytes;
-  int64_t cost_begin;   // weight bytes of all earlier segments (load balancing)
+  int64_t row_cost;     // load-balancing cost of one row: its bytes, or (direct kernel) its work
+  int64_t cost_begin;   // cost of all earlier segments
   int32_t type;
   int32_t rows;
   int32_t col_begin;    // first output column
@@ -130,7 +131,7 @@ struct Params {
   const uint8_t* x;       // Q8_1 rows of this launch's batch
   float* out;             // [batch, n_out] of this launch
   int64_t x_row_bytes;    // K/32 * 36
-  int64_t total_cost;     // weight bytes of the launch
+  int64_t total_cost;     // cost of the launch (SegDesc::row_cost)
   int32_t n_seg;
   int32_t total_tiles;
   int32_t steps;          // ceil(K / 256)
@@ -160,7 +161,7 @@ struct TileInfo {
 int32_t first_tile_at(const Params& p, int64_t c) {
   for (int s = 0; s < p.n_seg; ++s) {
     const SegDesc& sd = p.seg[s];
-    const int64_t tile_cost = kTileRows * sd.row_bytes;
+    const int64_t tile_cost = kTileRows * sd.row_cost;
     const int32_t n_tiles = (sd.rows + kTileRows - 1) / kTileRows;
     if (c <= sd.cost_begin) return sd.tile_begin;
     const int64_t last_start = sd.cost_begin + static_cast<int64_t>(n_tiles - 1) * tile_cost;
@@ -1295,7 +1296,8 @@ int best_k_groups(const Params& p) {
 // batch chunk that runs mat_vec_dp4a.cu's kernel for every type; 0: never; unset: the measured rule
 // above kDp4aAutoMaxBatch), GGFUSE_MV_STAGED (0/1: the dp4a kernel never / always stages its rows in
 // shared memory; unset: the measured rule above), GGFUSE_MV_DIRECT=0 (weights the direct kernel handles
-// take the staged kernel instead of mat_vec_direct_kernel).
+// take the staged kernel instead of mat_vec_direct_kernel), GGFUSE_MV_Q6K_COST (the direct kernel's
+// CTA balance: a Q6_K item's work in quarters of a Q4_K item, default 7; 0: balance by weight bytes).
 struct Overrides {
   int stages = env_int("GGFUSE_MV_STAGES", 2);
   int k_groups = env_int("GGFUSE_MV_KGROUPS", 0);
@@ -1304,6 +1306,7 @@ struct Overrides {
   int dp4a_forced = env_int("GGFUSE_MV_DP4A", -1);  // -1: the measured rule
   int staged_forced = env_int("GGFUSE_MV_STAGED", -1);  // -1: the measured rule
   bool direct = env_int("GGFUSE_MV_DIRECT", 1) != 0;
+  int q6k_cost = env_int("GGFUSE_MV_Q6K_COST", 7);  // direct kernel: a Q6_K item's work in quarter Q4_K items; 0: balance by bytes
 };
 const Overrides& overrides() {
   static const Overrides o;
@@ -1381,6 +1384,21 @@ cudaError_t launch_cols(Params& p, int device, cudaStream_t stream) {
 // The direct kernel: shared memory holds the tile tables, the partial slots and the warps' slot rings.
 // InvalidConfiguration when not even one slot per warp fits (the caller then runs the staged kernel;
 // p is left as it was for it).
+// The direct kernel is bound by its instructions, not by the bytes: a Q6_K item costs about 1.75x a
+// Q4_K one (H200, gate|up Q4_K | Q6_K at B = 8: 40.0 us against 25.7 for Q4_K alone, with the Q6_K
+// CTAs the last to finish), not the 1.46x of its bytes. Balancing CTAs by bytes gave four CTAs of the
+// mixed QKV three Q6_K tiles (~5.3 Q4_K tiles of work where the others had at most 4).
+void balance_direct_by_work(Params& q, int q6k_cost) {
+  int64_t cost = 0;
+  for (int s = 0; s < q.n_seg; ++s) {
+    SegDesc& sd = q.seg[s];
+    sd.row_cost = static_cast<int64_t>(q.steps) * (sd.type == kQ6_K ? q6k_cost : 4);
+    sd.cost_begin = cost;
+    cost += static_cast<int64_t>(sd.rows) * sd.row_cost;
+  }
+  q.total_cost = cost;
+}
+
 template <int kMask>
 cudaError_t launch_direct(Params& p, int device, cudaStream_t stream) {
   const Overrides& ov = overrides();
@@ -1388,6 +1406,7 @@ cudaError_t launch_direct(Params& p, int device, cudaStream_t stream) {
   const int smem_optin = device_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
   Params q = p;
   q.stage_bytes = direct_slot_bytes(kMask);
+  if (ov.q6k_cost > 0) balance_direct_by_work(q, ov.q6k_cost);
   int grid = std::min({sms, q.total_tiles, kMaxGrid});
   size_t smem = 0;
   for (;;) {
@@ -1453,9 +1472,10 @@ int fill_params(Params& p, const uint8_t* weight, const SegmentTable& table, int
     sd.rows = in.rows;
     sd.col_begin = in.row_begin;
     sd.tile_begin = tiles;
+    sd.row_cost = sd.row_bytes;
     sd.cost_begin = cost;
     tiles += (in.rows + kTileRows - 1) / kTileRows;
-    cost += static_cast<int64_t>(in.rows) * sd.row_bytes;
+    cost += static_cast<int64_t>(in.rows) * sd.row_cost;
     max_stride = std::max(max_stride, stage_row_stride(in.type));
     types |= type_bit(in.type);
   }
