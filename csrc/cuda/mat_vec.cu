@@ -1387,7 +1387,11 @@ cudaError_t launch_cols(Params& p, int device, cudaStream_t stream) {
 // The direct kernel is bound by its instructions, not by the bytes: a Q6_K item costs about 1.75x a
 // Q4_K one (H200, gate|up Q4_K | Q6_K at B = 8: 40.0 us against 25.7 for Q4_K alone, with the Q6_K
 // CTAs the last to finish), not the 1.46x of its bytes. Balancing CTAs by bytes gave four CTAs of the
-// mixed QKV three Q6_K tiles (~5.3 Q4_K tiles of work where the others had at most 4).
+// mixed QKV three Q6_K tiles (~5.3 Q4_K tiles of work where the others had at most 4). Measured
+// (H200, norm -> mat-vec, B = 8, Q6_K cost 0 (bytes) / 6 / 7 / 8 / 9 / 10 quarters): QKV 4096 14.20 /
+// 14.17 / 13.60 / 13.39 / 13.25 / 13.08 us, gate|up 43.83 / 43.79 / 40.62 / 43.97 / 42.70 / 45.79, QKV
+// 8192 32.41 / - / 30.45 / 30.33 / 30.24 / 30.38: 7 is the best compromise (the tile-count rounding
+// of each split moves the stragglers between the Q4_K and the Q6_K CTAs).
 void balance_direct_by_work(Params& q, int q6k_cost) {
   int64_t cost = 0;
   for (int s = 0; s < q.n_seg; ++s) {
