@@ -7,9 +7,10 @@
 //     once, in one instruction; Q6_K's 16-value scale groups use mma.m16n8k16. The integer results
 //     are combined with the scales by decode.h's dot_* formulas, the ones the CPU uses.
 //   * One launch covers every segment of the fused weight: the rows are cut into tiles of 16 over
-//     all segments, and CTA i (one per SM) takes the tiles whose first byte falls in the i-th equal
-//     share of the weight bytes (a Q6_K tile costs 1.46x a Q4_K one). Every tile's type comes from
-//     the segment table passed by value (graph-capturable, no device-side metadata).
+//     all segments, and CTA i (one per SM) takes the tiles whose start falls in the i-th equal share
+//     of the launch's cost: the weight bytes (a Q6_K tile costs 1.46x a Q4_K one), or, for the direct
+//     kernel, its measured work per item (balance_direct_by_work). Every tile's type comes from the
+//     segment table passed by value (graph-capturable, no device-side metadata).
 //   * Inside a CTA the 16 warps split the K steps (256 values each) and, when a CTA has many tiles,
 //     the tiles too. A warp loads the activations of its step into registers once (B fragments,
 //     scales, sums) and reuses them for every tile of the CTA; its partial sums land in a shared
