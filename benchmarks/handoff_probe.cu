@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kThreads) gg_norm_kernel(const Bf16* x, const 
   if (prefetch) ggfuse::cuda::prefetch_norm_weight(w, k, threadIdx.x);
   grid_dependency_wait();
   uint32_t* o = reinterpret_cast<uint32_t*>(out);
-  ggfuse::cuda::norm_row_q8_1(x, w, k, 1e-6f, true, true, threadIdx.x, 0, 1, warp_sums,
+  ggfuse::cuda::norm_row_q8_1(x, w, k, 1e-6f, true, true, threadIdx.x, 0, 1, 0, 1, warp_sums,
                               [&](int64_t blk, int j, uint32_t word, uint32_t ds, uint32_t) {
                                 o[9 * blk + 1 + j] = word;
                                 if (j == 0) o[9 * blk] = ds;

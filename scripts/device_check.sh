@@ -15,6 +15,7 @@
 #   SKIP_CPU_TESTS=1 (only tests/test_cuda.py),
 #   GGFUSE_BUILD_CXX (host compiler for the build; on the lent image CXX=/opt/gcc/bin/g++ produced a
 #   _C.so that crashed formatting error messages, /usr/bin/g++ did not),
+#   PROBE=1 (benchmarks/graph_probe.py: how a torch-captured chain's time splits),
 #   PYTEST_ARGS (extra pytest arguments), GGFUSE_CUDA_ARCHS (default 90), VARIANTS (the names of the
 #   off-by-default kernel stages to run, e.g. "pytest-cuda-mma-only"; default all).
 # The carried folders: .whl (gguf wheel) and .testdata (a copy of ../shared/testdata).
@@ -137,6 +138,10 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   cuda_variant_stage pytest-cuda-mma-only GGFUSE_MV_DP4A=0 "mat_vec or graph or compile"
   # the direct kernel with one slot per warp (every item refills the slot: the ring's reuse path)
   cuda_variant_stage pytest-cuda-direct-one-slot GGFUSE_MV_STAGES=1 "mat_vec or graph or compile"
+  # the norm kernel with each row on one and on three blocks of 256 threads (by default up to four for
+  # up to 64 rows: q8_1.cu's norm_subs)
+  cuda_variant_stage pytest-cuda-norm-subs-1 GGFUSE_NORM_SUBS=1 "rms_norm or graph or compile"
+  cuda_variant_stage pytest-cuda-norm-subs-3 GGFUSE_NORM_SUBS=3 "rms_norm or graph or compile"
   [ "${SKIP_CPU_TESTS:-0}" = 1 ] || { stage_start
   (cd /tmp && GGFUSE_REQUIRE_CUDA=1 timeout 240 python3 -m pytest "$REPO/tests" -q -p no:cacheprovider \
      --ignore "$REPO/tests/test_cuda.py" -rfE >>"$OUT/pytest.log" 2>&1)
@@ -178,6 +183,16 @@ PYEOF
   rc=$?
   grep -E "mat_vec_kernel|mat_vec_direct|rms_norm_q8_1|Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Issued Warp Per|No Eligible|Stall" "$OUT/ncu.txt" | head -80 >>"$SUMMARY"
   stage_end ncu $rc
+fi
+
+# ---- where a torch-captured chain's time goes (PROBE=1): benchmarks/graph_probe.py ----
+if [ "${PROBE:-0}" = 1 ]; then
+  stage_start
+  mkdir -p "$OUT/probe"
+  (cd /tmp && timeout 240 python3 "$REPO/benchmarks/graph_probe.py" "$OUT/probe" >"$OUT/probe/graph_probe.txt" 2>&1)
+  rc=$?
+  tee -a "$SUMMARY" <"$OUT/probe/graph_probe.txt" | tail -5
+  stage_end graph-probe $rc
 fi
 
 # ---- compute-sanitizer over the CUDA ops (small sizes: the tools slow kernels 10-100x) ----

@@ -2,7 +2,8 @@
 // mat-vec CTA runs for itself in the opt-in one-launch variants (the MMA kernel with
 // GGFUSE_FUSED_NORM=1, the streaming kernel; docs/PERFORMANCE.md v10 has why they stay opt-in). One
 // row is normalized by a group of 256 threads (8 warps) in one fixed order wherever it runs, so every
-// path produces the same Q8_1 bytes:
+// path produces the same Q8_1 bytes (the standalone kernel gives a row to up to 4 such groups, each
+// quantizing a share of the row's rounds after computing the whole sum of squares: norm_row_q8_1):
 //   * thread t owns the "quads" (4 consecutive values) t, t + 256, t + 512, ... ("rounds"); 8 adjacent
 //     lanes hold one Q8_1 block, so a block's max, sum and 32 divisions are spread over 8 lanes
 //     (the previous layout, one thread per block, put 32 serial IEEE divisions on every CTA's
@@ -213,16 +214,27 @@ __device__ __forceinline__ void quantize_quad(const float v[4], Place place) {
 }
 
 // One row: y = x * rsqrt(mean(x^2) + eps) * w in fp32, Q8_1 of y; thread t (0..255) of its group.
+// The group quantizes the rounds r with r % subs == sub only (the standalone kernel gives a row to
+// `subs` CTAs, up to 8; the other callers pass 0, 1): a round's quantization is a serial chain (shuffles for
+// each block's max and sum, IEEE divisions behind branches) of ~0.55 us on an H200, and a lone group
+// doing all 4 rounds of K = 4096 in a row spent most of the norm's time on them (docs/PERFORMANCE.md
+// v14). Every group computes the whole sum of squares itself, in the one order: cheap loads and adds.
 // place(block, j, word, ds, sq) receives the row's block `block` from its lane j (quantize_quad);
 // y_row (optional) receives y in x's type. `wsum`: kNormWarps floats of shared memory for this group.
 // The caller has done the PDL wait. Ends with a group barrier (wsum and the placed bytes are free /
 // visible to the group afterwards).
 template <typename T, typename W, typename Place>
 __device__ __forceinline__ void norm_row_q8_1(const T* xr, const W* w, int64_t k, float eps, bool vx, bool vw,
-                                              int t, int group, int groups, float* wsum, Place place,
-                                              T* y_row) {
+                                              int t, int sub, int subs, int group, int groups, float* wsum,
+                                              Place place, T* y_row) {
   const int64_t nq = k / 4;
   const int rounds = static_cast<int>((nq + kNormThreads - 1) / kNormThreads);
+  // The group's rounds among the held ones as a bit mask, and its first later round (no integer
+  // division by the runtime `subs`: each costs a chain of ~10 dependent instructions, and they sat
+  // between the loads and the sums).
+  uint32_t own = 0;
+  int first = sub;
+  for (; first < kNormRegRounds; first += subs) own |= 1u << first;
   float xv[kNormRegRounds][4], wv[kNormRegRounds][4];
   float sum_sq = 0.0f;
 #pragma unroll
@@ -230,10 +242,15 @@ __device__ __forceinline__ void norm_row_q8_1(const T* xr, const W* w, int64_t k
     const int64_t q = static_cast<int64_t>(r) * kNormThreads + t;
     if (q < nq) {
       load_quad(xr + 4 * q, vx, xv[r]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) xv[r][i] = 0.0f;
+    }
+    if (q < nq && (own >> r & 1u)) {  // w only where this group quantizes
       load_quad(w + 4 * q, vw, wv[r]);
     } else {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) xv[r][i] = wv[r][i] = 0.0f;
+      for (int i = 0; i < 4; ++i) wv[r][i] = 0.0f;
     }
   }
 #pragma unroll
@@ -242,13 +259,22 @@ __device__ __forceinline__ void norm_row_q8_1(const T* xr, const W* w, int64_t k
     for (int i = 0; i < 4; ++i) sum_sq = __fadd_rn(sum_sq, __fmul_rn(xv[r][i], xv[r][i]));  // +0 for padding
   }
 #pragma unroll 1
-  for (int r = kNormRegRounds; r < rounds; ++r) {
-    const int64_t q = static_cast<int64_t>(r) * kNormThreads + t;
-    if (q < nq) {
-      float v[4];
-      load_quad(xr + 4 * q, vx, v);
+  for (int r0 = kNormRegRounds; r0 < rounds; r0 += 4) {  // later rounds: 4 loads in flight, added in order
+    float c[4][4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) sum_sq = __fadd_rn(sum_sq, __fmul_rn(v[i], v[i]));
+    for (int j = 0; j < 4; ++j) {
+      const int64_t q = static_cast<int64_t>(r0 + j) * kNormThreads + t;
+      if (q < nq) {  // q < nq implies r0 + j < rounds
+        load_quad(xr + 4 * q, vx, c[j]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) c[j][i] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) sum_sq = __fadd_rn(sum_sq, __fmul_rn(c[j][i], c[j][i]));
     }
   }
   sum_sq = warp_sum(sum_sq);
@@ -272,11 +298,11 @@ __device__ __forceinline__ void norm_row_q8_1(const T* xr, const W* w, int64_t k
     });
   };
 #pragma unroll
-  for (int r = 0; r < kNormRegRounds; ++r) {
-    if (r < rounds) finish(static_cast<int64_t>(r) * kNormThreads + t, xv[r], wv[r]);
+  for (int r = 0; r < kNormRegRounds; ++r) {  // uniform over the group
+    if (r < rounds && (own >> r & 1u)) finish(static_cast<int64_t>(r) * kNormThreads + t, xv[r], wv[r]);
   }
 #pragma unroll 1
-  for (int r = kNormRegRounds; r < rounds; ++r) {
+  for (int r = first; r < rounds; r += subs) {
     const int64_t q = static_cast<int64_t>(r) * kNormThreads + t;
     float v[4] = {0.0f, 0.0f, 0.0f, 0.0f}, wq[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (q < nq) {
@@ -303,7 +329,7 @@ __device__ __forceinline__ void cta_norm_q8_1_typed(const NormArgs& n, int batch
   grid_dependency_wait();
   if (group < groups) {
     for (int b = group; b < batch; b += groups) {
-      norm_row_q8_1(x + b * k, w, k, n.eps, (n.vec & 1) != 0, (n.vec & 2) != 0, t, group, groups, wsums + group * kNormWarps,
+      norm_row_q8_1(x + b * k, w, k, n.eps, (n.vec & 1) != 0, (n.vec & 2) != 0, t, 0, 1, group, groups, wsums + group * kNormWarps,
                     [&](int64_t blk, int j, uint32_t word, uint32_t ds, uint32_t sq) {
                       place(b, blk, j, word, ds, sq);
                     },

@@ -1,6 +1,6 @@
 // Q8_1 activation quantization and the fused RMSNorm -> Q8_1 pass on CUDA (SPEC §1, §3).
 //
-// quantize_q8_1: one thread owns one Q8_1 block (32 values); rms_norm_mul_q8_1: a group of 256
+// quantize_q8_1: one thread owns one Q8_1 block (32 values); rms_norm_mul_q8_1: up to 8 blocks of 256
 // threads per row (norm.cuh). Both sum in the orders the CPU reference uses (formats.h's
 // q8_1_block_sum for s, norm.cuh's for the sum of squares), so they write the CPU's bytes, bit for bit.
 //
@@ -32,19 +32,21 @@ __global__ void __launch_bounds__(kQuantThreads)
   quantize_block(v, out + blk * static_cast<int64_t>(sizeof(BlockQ8_1)));
 }
 
-// One thread block of 256 threads per row (norm.cuh has the arithmetic and the order of the sums,
-// shared with the norm that mat-vec CTAs run for themselves, so both write the same bytes).
+// `subs` thread blocks of 256 threads per row (gridDim.y), block (row, sub) quantizing the row's
+// rounds r with r % subs == sub (norm.cuh has the arithmetic and the order of the sums, shared with the
+// norm that mat-vec CTAs run for themselves, so both write the same bytes).
 template <typename T, typename W>
 __global__ void __launch_bounds__(kNormThreads)
-    rms_norm_q8_1_kernel(const T* __restrict__ x, const W* __restrict__ w, int64_t k, float eps,
+    rms_norm_q8_1_kernel(const T* __restrict__ x, const W* __restrict__ w, int64_t k, float eps, int subs,
                          bool vec_x, bool vec_w, bool prefetch_w, uint8_t* __restrict__ out, T* __restrict__ y) {
   __shared__ float warp_sums[kNormWarps];
   allow_dependent_launch();  // see common.cuh: the dependent touches only weights before its wait
   if (prefetch_w) prefetch_norm_weight(w, k, threadIdx.x);
   grid_dependency_wait();
   const int64_t row = blockIdx.x;
+  const int sub = static_cast<int>(blockIdx.y);
   uint32_t* orow = reinterpret_cast<uint32_t*>(out + row * (k / kQK) * static_cast<int64_t>(sizeof(BlockQ8_1)));
-  norm_row_q8_1(x + row * k, w, k, eps, vec_x, vec_w, threadIdx.x, 0, 1, warp_sums,
+  norm_row_q8_1(x + row * k, w, k, eps, vec_x, vec_w, threadIdx.x, sub, subs, 0, 1, warp_sums,
                 [&](int64_t blk, int j, uint32_t word, uint32_t ds, uint32_t) {
                   uint32_t* o = orow + 9 * blk;  // 36-byte blocks: word-aligned
                   o[1 + j] = word;
@@ -55,11 +57,25 @@ __global__ void __launch_bounds__(kNormThreads)
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// Thread blocks per row. A row of R rounds (K / 1024, rounded up) given to R blocks (up to 8) leaves
+// each of them one round (or ceil(R / 8)) to quantize instead of R, for a sum of squares that every
+// block computes (loads and adds of x, from L2). Decode batches (<= 64 rows) take that; more rows fill
+// the GPU anyway and keep one block per row. GGFUSE_NORM_SUBS (1 to 8) fixes the number instead (an
+// experiment knob, read once).
+constexpr int kNormMaxSubs = 8;
+inline int norm_subs(int64_t rows, int64_t k) {
+  static const int forced = env_int("GGFUSE_NORM_SUBS", 0);
+  if (forced >= 1 && forced <= kNormMaxSubs) return forced;
+  const int64_t rounds = (k / 4 + kNormThreads - 1) / kNormThreads;
+  return rows > 64 ? 1 : static_cast<int>(rounds < kNormMaxSubs ? rounds : kNormMaxSubs);
+}
+
 template <typename T, typename W>
 cudaError_t launch_norm(const void* x, const void* w, int64_t rows, int64_t k, float eps,
                         uint8_t* out, void* y, cudaStream_t stream) {
-  return launch_kernel(rms_norm_q8_1_kernel<T, W>, dim3(static_cast<unsigned>(rows)), dim3(kNormThreads),
-                       0, stream, static_cast<const T*>(x), static_cast<const W*>(w), k, eps,
+  const int subs = norm_subs(rows, k);
+  return launch_kernel(rms_norm_q8_1_kernel<T, W>, dim3(static_cast<unsigned>(rows), subs), dim3(kNormThreads),
+                       0, stream, static_cast<const T*>(x), static_cast<const W*>(w), k, eps, subs,
                        aligned16(x), aligned16(w), norm_prefetch_enabled(), out, static_cast<T*>(y));
 }
 
