@@ -229,14 +229,12 @@ __device__ __forceinline__ void norm_row_q8_1(const T* xr, const W* w, int64_t k
                                               Place place, T* y_row) {
   const int64_t nq = k / 4;
   const int rounds = static_cast<int>((nq + kNormThreads - 1) / kNormThreads);
-  // Whether the group quantizes held round r (r - sub a multiple of subs), in compares only: an
-  // integer division by the runtime `subs`, or a loop whose trip count nvcc computes by one, put a
-  // serial chain between the PDL wait and the loads (v14: +0.3 us per norm on the H200).
-  static_assert(kNormRegRounds == 4, "owns() lists the multiples of subs below 4");
-  auto owns = [&](int r) {
-    const int d = r - sub;
-    return d == 0 || (d > 0 && (d == subs || d == 2 * subs || d == 3 * subs));
-  };
+  // The group's rounds among the held ones as a bit mask, and its first later round (no integer
+  // division by the runtime `subs`: each costs a chain of ~10 dependent instructions, and they sat
+  // between the loads and the sums).
+  uint32_t own = 0;
+  int first = sub;
+  for (; first < kNormRegRounds; first += subs) own |= 1u << first;
   float xv[kNormRegRounds][4], wv[kNormRegRounds][4];
   float sum_sq = 0.0f;
 #pragma unroll
@@ -248,7 +246,7 @@ __device__ __forceinline__ void norm_row_q8_1(const T* xr, const W* w, int64_t k
 #pragma unroll
       for (int i = 0; i < 4; ++i) xv[r][i] = 0.0f;
     }
-    if (q < nq && owns(r)) {  // w only where this group quantizes
+    if (q < nq && (own >> r & 1u)) {  // w only where this group quantizes
       load_quad(w + 4 * q, vw, wv[r]);
     } else {
 #pragma unroll
@@ -301,11 +299,10 @@ __device__ __forceinline__ void norm_row_q8_1(const T* xr, const W* w, int64_t k
   };
 #pragma unroll
   for (int r = 0; r < kNormRegRounds; ++r) {  // uniform over the group
-    if (r < rounds && owns(r)) finish(static_cast<int64_t>(r) * kNormThreads + t, xv[r], wv[r]);
+    if (r < rounds && (own >> r & 1u)) finish(static_cast<int64_t>(r) * kNormThreads + t, xv[r], wv[r]);
   }
 #pragma unroll 1
-  for (int r = sub; r < rounds; r += subs) {  // the later rounds (at most 3 held ones are stepped over)
-    if (r < kNormRegRounds) continue;
+  for (int r = first; r < rounds; r += subs) {
     const int64_t q = static_cast<int64_t>(r) * kNormThreads + t;
     float v[4] = {0.0f, 0.0f, 0.0f, 0.0f}, wq[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (q < nq) {
