@@ -2,8 +2,9 @@
 // mat-vec CTA runs for itself in the opt-in one-launch variants (the MMA kernel with
 // GGFUSE_FUSED_NORM=1, the streaming kernel; docs/PERFORMANCE.md v10 has why they stay opt-in). One
 // row is normalized by a group of 256 threads (8 warps) in one fixed order wherever it runs, so every
-// path produces the same Q8_1 bytes (the standalone kernel gives a row to up to 4 such groups, each
-// quantizing a share of the row's rounds after computing the whole sum of squares: norm_row_q8_1):
+// path produces the same Q8_1 bytes (the standalone kernel gives a row to up to 8 such groups in as
+// many CTAs, each quantizing a share of the row's rounds after computing the whole sum of squares:
+// norm_row_q8_1):
 //   * thread t owns the "quads" (4 consecutive values) t, t + 256, t + 512, ... ("rounds"); 8 adjacent
 //     lanes hold one Q8_1 block, so a block's max, sum and 32 divisions are spread over 8 lanes
 //     (the previous layout, one thread per block, put 32 serial IEEE divisions on every CTA's
@@ -215,10 +216,11 @@ __device__ __forceinline__ void quantize_quad(const float v[4], Place place) {
 
 // One row: y = x * rsqrt(mean(x^2) + eps) * w in fp32, Q8_1 of y; thread t (0..255) of its group.
 // The group quantizes the rounds r with r % subs == sub only (the standalone kernel gives a row to
-// `subs` CTAs, up to 8; the other callers pass 0, 1): a round's quantization is a serial chain (shuffles for
-// each block's max and sum, IEEE divisions behind branches) of ~0.55 us on an H200, and a lone group
-// doing all 4 rounds of K = 4096 in a row spent most of the norm's time on them (docs/PERFORMANCE.md
-// v14). Every group computes the whole sum of squares itself, in the one order: cheap loads and adds.
+// `subs` CTAs, up to 8; the other callers pass 0, 1): a round's quantization is a serial chain
+// (shuffles for each block's max and sum, IEEE divisions behind branches) of ~0.55 us on an H200, and
+// a lone group doing all 4 rounds of K = 4096 in a row spent most of the norm's time on them
+// (docs/PERFORMANCE.md v14). Every group computes the whole sum of squares itself, in the one order:
+// cheap loads and adds.
 // place(block, j, word, ds, sq) receives the row's block `block` from its lane j (quantize_quad);
 // y_row (optional) receives y in x's type. `wsum`: kNormWarps floats of shared memory for this group.
 // The caller has done the PDL wait. Ends with a group barrier (wsum and the placed bytes are free /
@@ -229,9 +231,11 @@ __device__ __forceinline__ void norm_row_q8_1(const T* xr, const W* w, int64_t k
                                               Place place, T* y_row) {
   const int64_t nq = k / 4;
   const int rounds = static_cast<int>((nq + kNormThreads - 1) / kNormThreads);
-  // The group's rounds among the held ones as a bit mask, and its first later round (no integer
-  // division by the runtime `subs`: each costs a chain of ~10 dependent instructions, and they sat
-  // between the loads and the sums).
+  // The group's rounds among the held ones as a bit mask, and its first later round, without a
+  // division per round by the runtime `subs` (those sat between the loads and the sums: +0.5 us).
+  // nvcc turns this loop into a trip count and an unrolled body on the uniform datapath; the two
+  // loop-free forms tried (compares per round; a branch-free mask) measured slower still, through
+  // where they made nvcc put the loads (docs/PERFORMANCE.md v14), so the loop stays.
   uint32_t own = 0;
   int first = sub;
   for (; first < kNormRegRounds; first += subs) own |= 1u << first;
