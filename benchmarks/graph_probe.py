@@ -1,5 +1,4 @@
-# Where the time of a torch-captured chain of ggfuse launches goes (docs/PERFORMANCE.md, "Where the
-# norm's 3.3 us go"). The same captured graph is timed in several ways, so that what the GPU spends per
+# Where the time of a torch-captured chain of ggfuse launches goes (docs/PERFORMANCE.md, v14 section). The same captured graph is timed in several ways, so that what the GPU spends per
 # layer separates from what the host adds once per replay:
 #   bench    start event, g.replay(), end event on an idle stream (ggfuse.bench's method up to v13): the
 #            start event fires at once, so the Python call, torch's replay prologue and the graph's
@@ -10,7 +9,7 @@
 #            queued the same way;
 #   5x       five replays queued back to back between the events, divided by five.
 # It also lists the captured graph's nodes and edges (driver API; torch's debug_dump wrote nothing on
-# torch 2.11) and times the norm chain at several K (how its cost grows with the rows per thread).
+# torch 2.11) and times the norm chain at several K (how its cost grows with the rounds per row).
 # Usage on a GPU machine with ggfuse installed: python3 benchmarks/graph_probe.py [OUT_DIR]
 import ctypes
 import os
