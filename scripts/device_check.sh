@@ -138,7 +138,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   cuda_variant_stage pytest-cuda-mma-only GGFUSE_MV_DP4A=0 "mat_vec or graph or compile"
   # the direct kernel with one slot per warp (every item refills the slot: the ring's reuse path)
   cuda_variant_stage pytest-cuda-direct-one-slot GGFUSE_MV_STAGES=1 "mat_vec or graph or compile"
-  # the norm kernel with each row on one and on three blocks of 256 threads (by default up to four for
+  # the norm kernel with each row on one and on three blocks of 256 threads (by default up to eight for
   # up to 64 rows: q8_1.cu's norm_subs)
   cuda_variant_stage pytest-cuda-norm-subs-1 GGFUSE_NORM_SUBS=1 "rms_norm or graph or compile"
   cuda_variant_stage pytest-cuda-norm-subs-3 GGFUSE_NORM_SUBS=3 "rms_norm or graph or compile"

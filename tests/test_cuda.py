@@ -96,7 +96,7 @@ def test_quantize_q8_1_unaligned_input(poison_outputs):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("w_dtype", FLOAT_DTYPES, ids=str)
-# K and the rows pick how many 256-thread blocks share a row (q8_1.cu's norm_subs: up to 4 for <= 64
+# K and the rows pick how many 256-thread blocks share a row (q8_1.cu's norm_subs: up to 8 for <= 64
 # rows, one round of 1024 values each; 1 for more rows), with rounds held in registers or read again;
 # 3104 and 8288 end in a partial round.
 @pytest.mark.parametrize("shape", [(1, 4096), (8, 4096), (3, 96), (1, 2048), (2, 3104), (1, 8288), (2, 2, 14336),
