@@ -147,7 +147,7 @@ print("µs per layer; columns: timing method (header of this file)")
 dump = os.path.join(out_dir, "norm_graph.dot") if out_dir else None
 for n in (32, 64, 128):
     probe_chain(f"norm K=4096 B=1, {n} layers", norm_chain(4096, n), n, dump if n == 64 else None)
-for k in (1024, 2048, 8192, 16384):
+for k in (1024, 2048, 3072, 5120, 8192, 16384):
     probe_chain(f"norm K={k} B=1, 64 layers", norm_chain(k, 64), 64)
 for variant in ("fused", "matvec"):
     for b in (1, 8):

@@ -110,12 +110,12 @@ __global__ void __launch_bounds__(kThreads) gg_norm_kernel(const Bf16* x, const 
   if (prefetch) ggfuse::cuda::prefetch_norm_weight(w, k, threadIdx.x);
   grid_dependency_wait();
   uint32_t* o = reinterpret_cast<uint32_t*>(out);
-  ggfuse::cuda::norm_row_q8_1(x, w, k, 1e-6f, true, true, threadIdx.x, 0, 1, 0, 1, warp_sums,
-                              [&](int64_t blk, int j, uint32_t word, uint32_t ds, uint32_t) {
-                                o[9 * blk + 1 + j] = word;
-                                if (j == 0) o[9 * blk] = ds;
-                              },
-                              static_cast<Bf16*>(nullptr));
+  ggfuse::cuda::norm_row_q8_1<1>(x, w, k, 1e-6f, true, true, threadIdx.x, 0, 0, 1, warp_sums,
+                                 [&](int64_t blk, int j, uint32_t word, uint32_t ds, uint32_t) {
+                                   o[9 * blk + 1 + j] = word;
+                                   if (j == 0) o[9 * blk] = ds;
+                                 },
+                                 static_cast<Bf16*>(nullptr));
 }
 
 // Weights: read once, past L1 (the dp4a kernel's loads).

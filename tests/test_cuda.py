@@ -98,9 +98,9 @@ def test_quantize_q8_1_unaligned_input(poison_outputs):
 @pytest.mark.parametrize("w_dtype", FLOAT_DTYPES, ids=str)
 # K and the rows pick how many 256-thread blocks share a row (q8_1.cu's norm_subs: up to 8 for <= 64
 # rows, one round of 1024 values each; 1 for more rows), with rounds held in registers or read again;
-# 3104 and 8288 end in a partial round.
-@pytest.mark.parametrize("shape", [(1, 4096), (8, 4096), (3, 96), (1, 2048), (2, 3104), (1, 8288), (2, 2, 14336),
-                                   (80, 1056)])
+# 3104, 8288 and 16416 end in a partial round; 5120 (5 rounds) launches 8 blocks per row, 3 with no round.
+@pytest.mark.parametrize("shape", [(1, 4096), (8, 4096), (3, 96), (1, 2048), (2, 3104), (1, 5120), (1, 8288),
+                                   (1, 16416), (2, 2, 14336), (80, 1056)])
 def test_rms_norm_mul_q8_1_matches_cpu(poison_outputs, dtype, w_dtype, shape):
     x = randn(*shape, dtype=dtype)
     w = (1.0 + 0.3 * torch.randn(shape[-1], dtype=torch.float64)).to(w_dtype)
@@ -119,6 +119,27 @@ def test_rms_norm_mul_q8_1_matches_cpu(poison_outputs, dtype, w_dtype, shape):
     np.testing.assert_allclose(got_y.cpu().double().numpy(), y64, rtol=tol, atol=tol * np.abs(y64).max())
     # The quantized output against the float norm: within Q8 rounding.
     deq = oracle.dequantize_q8_1(got_q.cpu().reshape(-1, shape[-1] // 32 * 36).numpy())
+    assert rel_err(deq, y64.reshape(deq.shape)) < 1e-2
+
+
+@pytest.mark.parametrize("which", ["x", "weight"])
+def test_rms_norm_mul_q8_1_unaligned_inputs(poison_outputs, which):
+    # A view that starts 2 bytes past a 16-byte boundary takes the scalar-load kernel (q8_1.cu's
+    # launch_norm); it must write the same bytes.
+    k = 4128
+    x_base = randn(3 * k + 1, dtype=torch.bfloat16)
+    w_base = (1.0 + 0.3 * torch.randn(k + 1, dtype=torch.float64)).to(torch.bfloat16)
+    x = x_base[1:].view(3, k) if which == "x" else x_base[:-1].view(3, k)
+    w = w_base[1:] if which == "weight" else w_base[:-1]
+    xd = x_base.to(DEV)[1:].view(3, k) if which == "x" else x_base.to(DEV)[:-1].view(3, k)
+    wd = w_base.to(DEV)[1:] if which == "weight" else w_base.to(DEV)[:-1]
+    assert (xd.data_ptr() % 16 != 0) == (which == "x") and (wd.data_ptr() % 16 != 0) == (which == "weight")
+    ref_q, ref_y = ggfuse.rms_norm_mul_q8_1(x, w, 1e-5, return_float=True)
+    got_q, got_y = ggfuse.rms_norm_mul_q8_1(xd, wd, 1e-5, return_float=True)
+    assert torch.equal(got_q.cpu(), ref_q)
+    assert torch.equal(got_y.cpu(), ref_y)
+    y64 = oracle.rms_norm_ref(x.double().numpy(), w.double().numpy(), 1e-5)
+    deq = oracle.dequantize_q8_1(got_q.cpu().reshape(-1, k // 32 * 36).numpy())
     assert rel_err(deq, y64.reshape(deq.shape)) < 1e-2
 
 

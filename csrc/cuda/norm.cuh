@@ -166,10 +166,12 @@ __device__ __forceinline__ void load_quad(const T* p, bool vec, float v[4]) {
 }
 
 // Pulls the norm weight's lines into L2 ahead of the PDL wait (a prefetch cannot return stale data:
-// the loads that use it come after the wait). Thread t of a group touches its own quads' lines.
+// the loads that use it come after the wait). Thread t of a group touches its own quads' lines in the
+// rounds first, first + step, ... (a CTA of a split row fetches only the rounds it quantizes).
 template <typename W>
-__device__ __forceinline__ void prefetch_norm_weight(const W* w, int64_t k, int t) {
-  for (int64_t q = t; 4 * q < k; q += kNormThreads) {
+__device__ __forceinline__ void prefetch_norm_weight(const W* w, int64_t k, int t, int first = 0, int step = 1) {
+  for (int64_t q = static_cast<int64_t>(first) * kNormThreads + t; 4 * q < k;
+       q += static_cast<int64_t>(step) * kNormThreads) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(w + 4 * q));
   }
 }
@@ -215,48 +217,54 @@ __device__ __forceinline__ void quantize_quad(const float v[4], Place place) {
 }
 
 // One row: y = x * rsqrt(mean(x^2) + eps) * w in fp32, Q8_1 of y; thread t (0..255) of its group.
-// The group quantizes the rounds r with r % subs == sub only (the standalone kernel gives a row to
-// `subs` CTAs, up to 8; the other callers pass 0, 1): a round's quantization is a serial chain
-// (shuffles for each block's max and sum, IEEE divisions behind branches) of ~0.55 us on an H200, and
-// a lone group doing all 4 rounds of K = 4096 in a row spent most of the norm's time on them
-// (docs/PERFORMANCE.md v14). Every group computes the whole sum of squares itself, in the one order:
-// cheap loads and adds.
+// kSubs (1, 2, 4 or 8) groups in as many CTAs share the row (the standalone kernel; the other callers
+// pass 1 and sub 0): group `sub` (< the row's rounds) quantizes the rounds r with r % kSubs == sub.
+// A round's quantization is a serial chain (shuffles for each block's max and sum, IEEE divisions
+// behind branches) of ~0.55 us on an H200, and a lone group doing all 4 rounds of K = 4096 in a row
+// spent most of the norm's time on them (docs/PERFORMANCE.md v14). Every group computes the whole sum
+// of squares itself, in the one order: cheap loads and adds.
+// The count is a template parameter because every runtime form of it (a mask of owned rounds, compares
+// per round) made nvcc put branches or unpacking between the x loads, and cost 0.3-0.7 us even at one
+// group per row (v14, v15). A split group loads its first round's x and w into registers of their own
+// (a second load of an x quad that the sum also reads: no indexing of the held rounds by `sub`).
 // place(block, j, word, ds, sq) receives the row's block `block` from its lane j (quantize_quad);
 // y_row (optional) receives y in x's type. `wsum`: kNormWarps floats of shared memory for this group.
 // The caller has done the PDL wait. Ends with a group barrier (wsum and the placed bytes are free /
 // visible to the group afterwards).
-template <typename T, typename W, typename Place>
+template <int kSubs, typename T, typename W, typename Place>
 __device__ __forceinline__ void norm_row_q8_1(const T* xr, const W* w, int64_t k, float eps, bool vx, bool vw,
-                                              int t, int sub, int subs, int group, int groups, float* wsum,
+                                              int t, int sub, int group, int groups, float* wsum,
                                               Place place, T* y_row) {
-  const int64_t nq = k / 4;
-  const int rounds = static_cast<int>((nq + kNormThreads - 1) / kNormThreads);
-  // The group's rounds among the held ones as a bit mask, and its first later round, without a
-  // division per round by the runtime `subs` (those sat between the loads and the sums: +0.5 us).
-  // nvcc turns this loop into a trip count and an unrolled body on the uniform datapath; the two
-  // loop-free forms tried (compares per round; a branch-free mask) measured slower still, through
-  // where they made nvcc put the loads (docs/PERFORMANCE.md v14), so the loop stays.
-  uint32_t own = 0;
-  int first = sub;
-  for (; first < kNormRegRounds; first += subs) own |= 1u << first;
-  float xv[kNormRegRounds][4], wv[kNormRegRounds][4];
-  float sum_sq = 0.0f;
+  static_assert(kSubs == 1 || kSubs == 2 || kSubs == 4 || kSubs == 8, "kSubs: 1, 2, 4 or 8");
+  const int nq = static_cast<int>(k / 4);  // quads in the row: K < 2^31 (the launchers check it)
+  const int rounds = (nq + kNormThreads - 1) / kNormThreads;
+  // A quad past the row reads the row's first quad and becomes zeros: a load without a branch around
+  // it, so that nvcc issues all of them before the first use (behind branches it had put each load's
+  // unpacking right after it, a load-use stall per round).
+  // 32-bit offsets: 64-bit address arithmetic doubled the instructions between the PDL wait and the
+  // last load.
+  auto load_or_zero = [&](const auto* base, bool vec, int q, float v[4]) {
+    const bool inside = q < nq;
+    load_quad(base + (inside ? 4 * q : 0), vec, v);
 #pragma unroll
-  for (int r = 0; r < kNormRegRounds; ++r) {  // x and w of the held rounds: all loads in flight at once
-    const int64_t q = static_cast<int64_t>(r) * kNormThreads + t;
-    if (q < nq) {
-      load_quad(xr + 4 * q, vx, xv[r]);
-    } else {
+    for (int i = 0; i < 4; ++i) v[i] = inside ? v[i] : 0.0f;
+  };
+  // Issued together, before any arithmetic: the held rounds' x (and w with one group per row), or
+  // the group's first own round's x and w.
+  float xv[kNormRegRounds][4];
+  float wv[kSubs == 1 ? kNormRegRounds : 1][4];
+  float xo[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) xv[r][i] = 0.0f;
-    }
-    if (q < nq && (own >> r & 1u)) {  // w only where this group quantizes
-      load_quad(w + 4 * q, vw, wv[r]);
-    } else {
+  for (int r = 0; r < kNormRegRounds; ++r) load_or_zero(xr, vx, r * kNormThreads + t, xv[r]);
+  const int q_own = sub * kNormThreads + t;
+  if constexpr (kSubs == 1) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) wv[r][i] = 0.0f;
-    }
+    for (int r = 0; r < kNormRegRounds; ++r) load_or_zero(w, vw, r * kNormThreads + t, wv[r]);
+  } else {
+    load_or_zero(xr, vx, q_own, xo);
+    load_or_zero(w, vw, q_own, wv[0]);
   }
+  float sum_sq = 0.0f;
 #pragma unroll
   for (int r = 0; r < kNormRegRounds; ++r) {
 #pragma unroll
@@ -266,15 +274,7 @@ __device__ __forceinline__ void norm_row_q8_1(const T* xr, const W* w, int64_t k
   for (int r0 = kNormRegRounds; r0 < rounds; r0 += 4) {  // later rounds: 4 loads in flight, added in order
     float c[4][4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t q = static_cast<int64_t>(r0 + j) * kNormThreads + t;
-      if (q < nq) {  // q < nq implies r0 + j < rounds
-        load_quad(xr + 4 * q, vx, c[j]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) c[j][i] = 0.0f;
-      }
-    }
+    for (int j = 0; j < 4; ++j) load_or_zero(xr, vx, (r0 + j) * kNormThreads + t, c[j]);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
 #pragma unroll
@@ -289,7 +289,7 @@ __device__ __forceinline__ void norm_row_q8_1(const T* xr, const W* w, int64_t k
   for (int i = 0; i < kNormWarps; ++i) total = __fadd_rn(total, wsum[i]);  // in order
   const float scale = rms_scale(total, k, eps);
 
-  auto finish = [&](int64_t q, float v[4], const float wq[4]) {  // every lane of the warp (shuffles)
+  auto finish = [&](int q, float v[4], const float wq[4]) {  // every lane of the warp (shuffles)
 #pragma unroll
     for (int i = 0; i < 4; ++i) v[i] = __fmul_rn(__fmul_rn(v[i], scale), wq[i]);
     const bool valid = q < nq;
@@ -301,18 +301,23 @@ __device__ __forceinline__ void norm_row_q8_1(const T* xr, const W* w, int64_t k
       if (valid) place(q / 8, j, word, ds, sq);
     });
   };
+  int later;  // the group's first round not in registers
+  if constexpr (kSubs == 1) {
 #pragma unroll
-  for (int r = 0; r < kNormRegRounds; ++r) {  // uniform over the group
-    if (r < rounds && (own >> r & 1u)) finish(static_cast<int64_t>(r) * kNormThreads + t, xv[r], wv[r]);
+    for (int r = 0; r < kNormRegRounds; ++r) {  // uniform over the group
+      if (r < rounds) finish(r * kNormThreads + t, xv[r], wv[r]);
+    }
+    later = kNormRegRounds;
+  } else {
+    if (sub < rounds) finish(q_own, xo, wv[0]);
+    later = sub + kSubs;
   }
 #pragma unroll 1
-  for (int r = first; r < rounds; r += subs) {
-    const int64_t q = static_cast<int64_t>(r) * kNormThreads + t;
-    float v[4] = {0.0f, 0.0f, 0.0f, 0.0f}, wq[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (q < nq) {
-      load_quad(xr + 4 * q, vx, v);
-      load_quad(w + 4 * q, vw, wq);
-    }
+  for (int r = later; r < rounds; r += kSubs) {
+    const int q = r * kNormThreads + t;
+    float v[4], wq[4];
+    load_or_zero(xr, vx, q, v);
+    load_or_zero(w, vw, q, wq);
     finish(q, v, wq);
   }
   norm_group_sync(group, groups);
@@ -333,7 +338,7 @@ __device__ __forceinline__ void cta_norm_q8_1_typed(const NormArgs& n, int batch
   grid_dependency_wait();
   if (group < groups) {
     for (int b = group; b < batch; b += groups) {
-      norm_row_q8_1(x + b * k, w, k, n.eps, (n.vec & 1) != 0, (n.vec & 2) != 0, t, 0, 1, group, groups, wsums + group * kNormWarps,
+      norm_row_q8_1<1>(x + b * k, w, k, n.eps, (n.vec & 1) != 0, (n.vec & 2) != 0, t, 0, group, groups, wsums + group * kNormWarps,
                     [&](int64_t blk, int j, uint32_t word, uint32_t ds, uint32_t sq) {
                       place(b, blk, j, word, ds, sq);
                     },

@@ -65,6 +65,10 @@ inline void check_norm_weight(const at::Tensor& x, const at::Tensor& w, double e
   check_same_device(x, w, op, "x", "weight");
   TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == x.size(-1), "ggfuse.", op,
                     ": weight must be 1-D with K = ", x.size(-1), " elements, got shape ", w.sizes());
+  // The CUDA norm indexes within a row in 32 bits (norm.cuh); the limit holds on every device so that
+  // a model behaves the same on CPU and GPU.
+  TORCH_CHECK_VALUE(x.size(-1) < (int64_t{1} << 31), "ggfuse.", op, ": K = ", x.size(-1),
+                    " is too long for one norm row (at most 2^31 - 1 values)");
   TORCH_CHECK_VALUE(eps >= 0.0 && std::isfinite(eps), "ggfuse.", op,
                     ": eps must be finite and >= 0, got ", eps);
 }
