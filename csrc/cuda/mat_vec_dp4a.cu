@@ -56,6 +56,7 @@ struct DpSeg {
   int32_t col_begin;
   int32_t row_start;  // first global row (warp) index of this segment
   int32_t staged;     // staged kernel: 1 when this segment's rows are copied into shared memory
+  int32_t wide;       // 1: Q4_0 / Q6_K rows read in units of 16-byte loads (dp4a::wide_units_ok)
 };
 
 struct DpParams {
@@ -97,7 +98,7 @@ __device__ __forceinline__ void dp4a_row(const DpParams& p, const uint32_t* sx, 
   float acc[kCols];
 #pragma unroll
   for (int c = 0; c < kCols; ++c) acc[c] = 0.0f;
-  dp4a::row_dot<kCols, dp4a::GlobalLd>(sd.type, row, nb, sx, lane, acc, first, stage);
+  dp4a::row_dot<kCols, dp4a::GlobalLd>(sd.type, row, nb, sx, lane, acc, first, stage, sd.wide != 0);
   if (lane == 0) {
 #pragma unroll
     for (int c = 0; c < kCols; ++c) p.out[static_cast<int64_t>(c) * p.n_out + sd.col_begin + r] = acc[c];
@@ -155,7 +156,8 @@ __device__ __forceinline__ void staged_row(const DpParams& p, const uint32_t* sx
   float acc[kCols];
 #pragma unroll
   for (int c = 0; c < kCols; ++c) acc[c] = 0.0f;
-  dp4a::row_dot<kCols, dp4a::SharedLd>(sd->type, slot + (off & 15), p.x_blocks, sx, lane, acc, false, [] {});
+  dp4a::row_dot<kCols, dp4a::SharedLd>(sd->type, slot + (off & 15), p.x_blocks, sx, lane, acc, false, [] {},
+                                       sd->wide != 0);
   if (lane == 0) {
     const int r = grow - sd->row_start;
 #pragma unroll
@@ -307,7 +309,11 @@ cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, int64_t weight_bytes, const
     sd.rows = in.rows;
     sd.col_begin = in.row_begin;
     sd.row_start = static_cast<int32_t>(rows);
-    sd.staged = staging == DpStaging::kAll || (staging == DpStaging::kTwoByteTypes && !blocks_16_aligned(in.type))
+    // Q4_0 and Q6_K in their 16-byte-load units read like Q4_K, so they stay in registers as Q4_K
+    // does (staging is for the rows read in 2- and 4-byte words).
+    sd.wide = dp4a::wide_units_ok(in.type, k, in.byte_offset, in.rows * rb, weight_bytes) ? 1 : 0;
+    sd.staged = staging == DpStaging::kAll ||
+                        (staging == DpStaging::kTwoByteTypes && !blocks_16_aligned(in.type) && sd.wide == 0)
                     ? 1 : 0;
     staged = staged || sd.staged != 0;
     rows += in.rows;

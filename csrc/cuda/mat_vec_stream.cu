@@ -201,7 +201,7 @@ __device__ __noinline__ void chunk_rows(const uint8_t* base, int64_t row_bytes, 
 #pragma unroll
     for (int b = 0; b < kCols; ++b) acc[b] = 0.0f;
     dp4a::row_dot_typed<kCols, kType, dp4a::SharedLd>(base + i * row_bytes, x_blocks, sx, lane, acc, false,
-                                                      [] {});
+                                                      [] {}, false);
     if (lane == 0) {
 #pragma unroll
       for (int b = 0; b < kCols; ++b) out[b * static_cast<int64_t>(n_out) + i] = acc[b];
