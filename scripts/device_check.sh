@@ -224,7 +224,7 @@ for t in (T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K):
 specs = [[(T.Q4_K, 33), (T.Q6_K, 17)], [(T.Q4_0, 19), (T.Q5_0, 3), (T.Q8_0, 5), (T.Q5_K, 2), (T.Q6_K, 3)], [(T.Q6_K, 3)]]
 for k, spec in [(512, specs[0]), (96 * 32, specs[0]), (512, specs[1]), (5120, specs[2]), (96, [(T.Q4_0, 7), (T.Q8_0, 3)]),
                 (8192, [(T.Q4_K, 5), (T.Q6_K, 3)]), (4096, [(T.Q4_K, 20)]), (512, [(T.Q4_0, 21)]),
-                (5120, [(T.Q6_K, 4)]), (256, [(T.Q6_K, 8), (T.Q4_0, 5)])]:
+                (256, [(T.Q6_K, 8), (T.Q4_0, 5)])]:
     if k % 256 and any(t in (T.Q4_K, T.Q5_K, T.Q6_K) for t, _ in spec):
         continue
     pieces, offs, total = [], [], 0

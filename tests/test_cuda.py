@@ -253,21 +253,14 @@ def test_mat_vec_direct_kernel_types(poison_outputs, types, k, batch):
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("case", ["q4_0-256", "q4_0-4096", "q4_0-4128", "q4_0-14336", "q6k-256", "q6k-5120",
-                                  "q4k_q6k-4096", "q4k_q6k-5120"])
-def test_mat_vec_small_batches_wide_units(poison_outputs, batch, case):
-    # B <= 2 takes the dp4a kernel, which reads Q4_0 (K % 256 == 0) and Q6_K in 16-byte loads:
-    # - Q4_0 in 4-block units, half a 144-byte group each (K = 256: one group per row, so only lanes
-    #   0 and 1 have a unit); K = 4128 is not a multiple of 256 and is staged instead;
-    # - Q6_K super-blocks at every even phase mod 16 (K = 5120: 4200-byte rows); a last segment whose
-    #   end is not on a 16-byte boundary at the end of the buffer (17 rows of 210 bytes at K = 256)
-    #   is staged, one that ends on a boundary (8 rows of 210 bytes) is read to its last byte.
-    specs = {"q4_0-256": [(T.Q4_0, 300), (T.Q4_0, 17)], "q4_0-4096": [(T.Q4_0, 1000), (T.Q4_0, 200), (T.Q4_0, 9)],
-             "q4_0-4128": [(T.Q4_0, 100), (T.Q4_0, 3)], "q4_0-14336": [(T.Q4_0, 40)],
-             "q6k-256": [(T.Q6_K, 300), (T.Q6_K, 8), (T.Q6_K, 17)], "q6k-5120": [(T.Q6_K, 70), (T.Q6_K, 8)],
-             "q4k_q6k-4096": [(T.Q4_K, 512), (T.Q4_K, 128), (T.Q6_K, 128)],
-             "q4k_q6k-5120": [(T.Q4_K, 64), (T.Q6_K, 9), (T.Q4_K, 5)]}[case]
-    check_mat_vec_cuda(specs, int(case.split("-")[1]), batch)
+@pytest.mark.parametrize("k", [256, 4096, 4128, 14336])
+def test_mat_vec_q4_0_small_batches(poison_outputs, batch, k):
+    # Q4_0 at B <= 2 takes the dp4a kernel: at B = 1 with K % 256 == 0 in 4-block units of 16-byte
+    # loads (K = 256: one 144-byte group per row, so only lanes 0 and 1 have a unit), staged otherwise
+    # (B = 2, K = 4128)
+    specs = {256: [(T.Q4_0, 300), (T.Q4_0, 17)], 4096: [(T.Q4_0, 1000), (T.Q4_0, 200), (T.Q4_0, 9)],
+             4128: [(T.Q4_0, 100), (T.Q4_0, 3)], 14336: [(T.Q4_0, 40)]}[k]
+    check_mat_vec_cuda(specs, k, batch)
 
 
 @pytest.mark.parametrize("rows", [1, 15, 16, 17, 300])

@@ -251,25 +251,24 @@ __device__ __forceinline__ void load_q6(const uint8_t* row, int unit, UnitQ6& u)
   u.sh = static_cast<uint32_t>(addr & 2u) * 8u;
 }
 
-// The dot of a Q6_K unit from its 8 ql and 8 qh words (already at the unit's first byte), the two
-// scale pairs and d (UnitQ6's fields).
 template <int kCols>
-__device__ __forceinline__ void dot_q6_words(int x_blocks, const uint32_t* sx, const uint32_t (&ql)[8],
-                                             const uint32_t (&qh)[8], uint32_t sa, uint32_t sb2, uint32_t dbits,
-                                             int unit, float (&acc)[kCols]) {
+__device__ __forceinline__ void dot_q6(int x_blocks, const uint32_t* sx, const UnitQ6& u, int unit,
+                                       float (&acc)[kCols]) {
   const int sb = unit >> 2, h = (unit >> 1) & 1, uu = unit & 1;
-  const float d = h2f(dbits);
+  const float d = h2f(u.d);
   // d * scales[s] for the four 16-value groups: A low, A high, B low, B high
-  const float dsc[4] = {d * static_cast<float>(static_cast<int8_t>(sa & 0xff)),
-                        d * static_cast<float>(static_cast<int8_t>(sa >> 8)),
-                        d * static_cast<float>(static_cast<int8_t>(sb2 & 0xff)),
-                        d * static_cast<float>(static_cast<int8_t>(sb2 >> 8))};
+  const float dsc[4] = {d * static_cast<float>(static_cast<int8_t>(u.sa & 0xff)),
+                        d * static_cast<float>(static_cast<int8_t>(u.sa >> 8)),
+                        d * static_cast<float>(static_cast<int8_t>(u.sb2 & 0xff)),
+                        d * static_cast<float>(static_cast<int8_t>(u.sb2 >> 8))};
   int w[2][8];  // unsigned 0..63 quants of sub-blocks A and B (the -32 goes through Σq_x)
   const uint32_t shA = 2u * uu, shB = 4u + 2u * uu;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    w[0][i] = static_cast<int>((ql[i] & kNib) | (((qh[i] >> shA) & 0x03030303u) << 4));
-    w[1][i] = static_cast<int>(((ql[i] >> 4) & kNib) | (((qh[i] >> shB) & 0x03030303u) << 4));
+    const uint32_t ql = __funnelshift_r(u.ql[i], u.ql[i + 1], u.sh);
+    const uint32_t qh = __funnelshift_r(u.qh[i], u.qh[i + 1], u.sh);
+    w[0][i] = static_cast<int>((ql & kNib) | (((qh >> shA) & 0x03030303u) << 4));
+    w[1][i] = static_cast<int>(((ql >> 4) & kNib) | (((qh >> shB) & 0x03030303u) << 4));
   }
   const int blkA = sb * 8 + 4 * h + uu;
   const int nblk = kCols * x_blocks;
@@ -290,73 +289,6 @@ __device__ __forceinline__ void dot_q6_words(int x_blocks, const uint32_t* sx, c
       }
     }
   }
-}
-
-template <int kCols>
-__device__ __forceinline__ void dot_q6(int x_blocks, const uint32_t* sx, const UnitQ6& u, int unit,
-                                       float (&acc)[kCols]) {
-  uint32_t ql[8], qh[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    ql[i] = __funnelshift_r(u.ql[i], u.ql[i + 1], u.sh);
-    qh[i] = __funnelshift_r(u.qh[i], u.qh[i + 1], u.sh);
-  }
-  dot_q6_words<kCols>(x_blocks, sx, ql, qh, u.sa, u.sb2, u.d, unit, acc);
-}
-
-// Q6_K in 16-byte loads: the same unit as UnitQ6, its ql and qh runs read as the three granules that
-// enclose each (a super-block starts at any even byte mod 16, `phase`), then moved to the run's first
-// byte by selects on the phase's word part and a funnel shift by its 2-byte part. The granules stay
-// inside the super-block except the last ones of a row's last super-block, which can reach up to 14
-// bytes past the row: the segment takes these units only where that stays inside the buffer
-// (q6_k_wide_ok). Sector-wise this is Q4_K's pattern, instead of 18 word loads that each fetch their
-// sectors (which is why Q6_K rows were staged through shared memory before).
-struct UnitQ6W {
-  uint4 l[3], h[3];
-  uint32_t sa, sb2, d;
-  uint32_t phase;  // the super-block's first byte mod 16 (even)
-};
-template <class Ld>
-__device__ __forceinline__ void load_q6w(const uint8_t* row, int unit, UnitQ6W& u) {
-  const int sb = unit >> 2, h = (unit >> 1) & 1, uu = unit & 1;
-  const uint8_t* b = row + sb * 210;
-  const uintptr_t addr = reinterpret_cast<uintptr_t>(b);
-  const uint8_t* g = reinterpret_cast<const uint8_t*>(addr & ~uintptr_t{15});
-  const uint8_t* l = g + 64 * h + 32 * uu;  // ql run [64h + 32uu, +32)
-  const uint8_t* q = g + 128 + 32 * h;      // qh run [128 + 32h, +32)
-#pragma unroll
-  for (int i = 0; i < 3; ++i) u.l[i] = Ld::ld16(l + 16 * i);
-#pragma unroll
-  for (int i = 0; i < 3; ++i) u.h[i] = Ld::ld16(q + 16 * i);
-  const int sA = 4 * h + uu;
-  u.sa = Ld::ld2(b + 192 + 2 * sA);
-  u.sb2 = Ld::ld2(b + 192 + 2 * (sA + 2));
-  u.d = Ld::ld2(b + 208);
-  u.phase = static_cast<uint32_t>(addr & 15u);
-}
-
-// 8 words from byte `phase` (even, < 16) of three granules.
-__device__ __forceinline__ void words_at_phase(const uint4 (&g)[3], uint32_t phase, uint32_t (&out)[8]) {
-  const uint32_t a[12] = {g[0].x, g[0].y, g[0].z, g[0].w, g[1].x, g[1].y, g[1].z, g[1].w,
-                          g[2].x, g[2].y, g[2].z, g[2].w};
-  const bool two = (phase & 8u) != 0, one = (phase & 4u) != 0;
-  uint32_t b[10], c[9];
-#pragma unroll
-  for (int j = 0; j < 10; ++j) b[j] = two ? a[j + 2] : a[j];
-#pragma unroll
-  for (int j = 0; j < 9; ++j) c[j] = one ? b[j + 1] : b[j];
-  const uint32_t sh = (phase & 3u) * 8u;  // 0 or 16
-#pragma unroll
-  for (int j = 0; j < 8; ++j) out[j] = __funnelshift_r(c[j], c[j + 1], sh);
-}
-
-template <int kCols>
-__device__ __forceinline__ void dot_q6w(int x_blocks, const uint32_t* sx, const UnitQ6W& u, int unit,
-                                        float (&acc)[kCols]) {
-  uint32_t ql[8], qh[8];
-  words_at_phase(u.l, u.phase, ql);
-  words_at_phase(u.h, u.phase, qh);
-  dot_q6_words<kCols>(x_blocks, sx, ql, qh, u.sa, u.sb2, u.d, unit, acc);
 }
 
 // Q4_0 (18 bytes: 5 words), Q5_0 (22: 6), Q8_0 (34: 9).
@@ -482,12 +414,12 @@ __device__ __forceinline__ void run_row(int n_units, int lane, Load load, Dot do
 
 // A whole row (warp-wide) of type kType at `row` (in memory Ld): the lane's partial sums in acc,
 // then summed over the warp (every lane gets the totals). `first`/`first_fn` as in run_row. `wide`:
-// Q4_0 and Q6_K rows read in 16-byte loads (UnitQ4_0x4, UnitQ6W: where wide_units_ok allows).
+// Q4_0 rows read in 16-byte loads (UnitQ4_0x4, where wide_units_ok allows).
 template <int kCols, int32_t kType, class Ld, typename First>
 __device__ __forceinline__ void row_dot_typed(const uint8_t* row, int x_blocks, const uint32_t* sx, int lane,
                                               float (&acc)[kCols], bool first, First first_fn, bool wide) {
   const int nb = x_blocks;
-  if (kType == kQ4_0 && wide) {
+  if (kType == kQ4_0 && kCols == 1 && wide) {  // B = 1 only (wide_units_ok)
     run_row<kCols, UnitQ4_0x4>(
         nb / 4, lane, [&](int un, UnitQ4_0x4& w) { load_q4_0x4<Ld>(row, un, w); },
         [&](const UnitQ4_0x4& w, int un, float (&a)[kCols]) { dot_q4_0x4<kCols>(nb, sx, w, un, a); }, acc, first,
@@ -497,11 +429,6 @@ __device__ __forceinline__ void row_dot_typed(const uint8_t* row, int x_blocks, 
     run_row<kCols, UnitK<kQ5>>(
         nb / 2, lane, [&](int un, UnitK<kQ5>& w) { load_k<Ld, kQ5>(row, un, w); },
         [&](const UnitK<kQ5>& w, int un, float (&a)[kCols]) { dot_k<kCols, kQ5>(nb, sx, w, un, a); }, acc, first,
-        first_fn);
-  } else if (kType == kQ6_K && wide) {
-    run_row<kCols, UnitQ6W>(
-        nb / 2, lane, [&](int un, UnitQ6W& w) { load_q6w<Ld>(row, un, w); },
-        [&](const UnitQ6W& w, int un, float (&a)[kCols]) { dot_q6w<kCols>(nb, sx, w, un, a); }, acc, first,
         first_fn);
   } else if constexpr (kType == kQ6_K) {
     run_row<kCols, UnitQ6>(
@@ -529,7 +456,7 @@ __device__ __forceinline__ void row_dot(int32_t type, const uint8_t* row, int x_
   switch (type) {
     case kQ4_K: return row_dot_typed<kCols, kQ4_K, Ld>(row, x_blocks, sx, lane, acc, first, first_fn, false);
     case kQ5_K: return row_dot_typed<kCols, kQ5_K, Ld>(row, x_blocks, sx, lane, acc, first, first_fn, false);
-    case kQ6_K: return row_dot_typed<kCols, kQ6_K, Ld>(row, x_blocks, sx, lane, acc, first, first_fn, wide);
+    case kQ6_K: return row_dot_typed<kCols, kQ6_K, Ld>(row, x_blocks, sx, lane, acc, first, first_fn, false);
     case kQ4_0: return row_dot_typed<kCols, kQ4_0, Ld>(row, x_blocks, sx, lane, acc, first, first_fn, wide);
     case kQ5_0: return row_dot_typed<kCols, kQ5_0, Ld>(row, x_blocks, sx, lane, acc, first, first_fn, false);
     default: return row_dot_typed<kCols, kQ8_0, Ld>(row, x_blocks, sx, lane, acc, first, first_fn, false);
@@ -537,15 +464,15 @@ __device__ __forceinline__ void row_dot(int32_t type, const uint8_t* row, int x_
 }
 
 // Whether a segment's rows take the 16-byte-load units (`wide`): Q4_0 with K % 256 == 0 (144-byte
-// groups on 16-byte boundaries: the segment starts on one, and rows are multiples of 16 bytes); Q6_K
-// when the granules enclosing the segment's last byte are inside the buffer (UnitQ6W). Off with
-// GGFUSE_MV_WIDE=0 (an experiment knob, read once).
-inline bool wide_units_ok(int32_t type, int64_t k, int64_t byte_offset, int64_t seg_bytes, int64_t weight_bytes) {
+// groups on 16-byte boundaries: the segment starts on one, and rows are multiples of 16 bytes), at
+// B = 1 only. Measured on the H200 (QKV 4096 -> 6144, mat-vec alone, us; docs/PERFORMANCE.md v15):
+// B = 1 6.38 against 6.92 staged, but B = 2 8.85 against 7.86, so B = 2 stays staged. (A Q6_K unit
+// of 16-byte loads, moved to its phase by selects, measured slower than staging at K = 4096: 7.65
+// against 6.99 for Q4_K+Q6_K at B = 1, and was dropped.) Off with GGFUSE_MV_WIDE=0 (an experiment
+// knob, read once).
+inline bool wide_units_ok(int32_t type, int64_t k, int64_t byte_offset, int64_t batch) {
   static const bool on = env_int("GGFUSE_MV_WIDE", 1) != 0;
-  if (!on || byte_offset % 16 != 0) return false;
-  if (type == kQ4_0) return k % 256 == 0;
-  if (type == kQ6_K) return ((byte_offset + seg_bytes + 15) & ~int64_t{15}) <= weight_bytes;
-  return false;
+  return on && batch == 1 && type == kQ4_0 && k % 256 == 0 && byte_offset % 16 == 0;
 }
 
 }  // namespace dp4a

@@ -56,7 +56,7 @@ struct DpSeg {
   int32_t col_begin;
   int32_t row_start;  // first global row (warp) index of this segment
   int32_t staged;     // staged kernel: 1 when this segment's rows are copied into shared memory
-  int32_t wide;       // 1: Q4_0 / Q6_K rows read in units of 16-byte loads (dp4a::wide_units_ok)
+  int32_t wide;       // 1: Q4_0 rows read in 4-block units of 16-byte loads (dp4a::wide_units_ok)
 };
 
 struct DpParams {
@@ -309,9 +309,9 @@ cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, int64_t weight_bytes, const
     sd.rows = in.rows;
     sd.col_begin = in.row_begin;
     sd.row_start = static_cast<int32_t>(rows);
-    // Q4_0 and Q6_K in their 16-byte-load units read like Q4_K, so they stay in registers as Q4_K
-    // does (staging is for the rows read in 2- and 4-byte words).
-    sd.wide = dp4a::wide_units_ok(in.type, k, in.byte_offset, in.rows * rb, weight_bytes) ? 1 : 0;
+    // Q4_0 in its 16-byte-load units reads like Q4_K, so it stays in registers as Q4_K does
+    // (staging is for the rows read in 2- and 4-byte words).
+    sd.wide = dp4a::wide_units_ok(in.type, k, in.byte_offset, batch) ? 1 : 0;
     sd.staged = staging == DpStaging::kAll ||
                         (staging == DpStaging::kTwoByteTypes && !blocks_16_aligned(in.type) && sd.wide == 0)
                     ? 1 : 0;
