@@ -156,6 +156,17 @@ def float_mat_vec(segments, x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float64) @ W.T
 
 
+def exact_check_launches(batch: int, n_rows: int) -> int:
+    """Launches, each with fresh x, over which a mat-vec's exact check (SPEC §5 check 1) is taken.
+
+    The fp32 error of a dot product is relative to its terms, not to its result, so one output that
+    happens to be a near-cancelled sum has a large relative error however exact the kernel is: a
+    single Q4_K row at K = 4096 measured 2.2e-4 against the 1e-4 bound on the H200 (output -3.3e-5,
+    absolute error 7e-9). A layer with fewer than 16 outputs is therefore launched with fresh inputs
+    until there are 16, and ||out - ref|| / ||ref|| is taken over all of them (the same bound)."""
+    return max(1, -(-16 // (batch * n_rows)))
+
+
 def float_check_batch(batch: int, n_rows: int) -> int:
     """Input rows for the check against float x (SPEC §5 check 2, < 2e-2), which is statistical.
 
