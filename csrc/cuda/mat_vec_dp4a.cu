@@ -5,7 +5,9 @@
 // Design (docs/PERFORMANCE.md has the measurements):
 //   * each warp owns one weight row, its 32 lanes split K into "units": a Q4_K / Q5_K / Q6_K unit is
 //     two 32-value sub-blocks of one super-block (4 units per super-block), a Q4_0 / Q5_0 / Q8_0 unit
-//     one block. Every lane does useful work at every batch size (no MMA columns or lanes idle).
+//     one block (Q4_0 at B = 1 with K % 256 == 0: four blocks read in 16-byte loads, dp4a_units.cuh
+//     UnitQ4_0x4, kept in registers instead of staged). Every lane does useful work at every batch
+//     size (no MMA columns or lanes idle).
 //   * weights go global -> registers through the read-only path: 16-byte loads past L1 for Q4_K / Q5_K
 //     (always 16-byte aligned), aligned 4-byte words + funnel shifts, allocating in L1, for the 2-byte
 //     aligned types (Q4_0, Q5_0, Q8_0, Q6_K), never reading outside the segment (dp4a_units.cuh
