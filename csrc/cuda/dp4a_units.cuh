@@ -94,13 +94,6 @@ __device__ __forceinline__ void load_x(const uint32_t* sx, int nblk, int i, XBlo
 }
 __device__ __forceinline__ int sq_lo(uint32_t sq) { return static_cast<int>(static_cast<int16_t>(sq & 0xffffu)); }
 __device__ __forceinline__ int sq_hi(uint32_t sq) { return static_cast<int>(sq) >> 16; }
-// Σ w_i q_i over a block's 32 values, 4 per dp4a (exact in int32).
-__device__ __forceinline__ int dot32(const int (&w)[8], const int (&q)[8]) {
-  int sumi = 0;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) sumi = __dp4a(w[i], q[i], sumi);
-  return sumi;
-}
 
 // Block i of the shared copy from its 9 Q8_1 words (d | s << 16, then the 32 quants), with its half
 // sums of quants.
@@ -222,7 +215,9 @@ __device__ __forceinline__ void dot_k(int x_blocks, const uint32_t* sx, const Un
     for (int e = 0; e < 2; ++e) {
       XBlock xb;
       load_x(sx, nblk, c * x_blocks + blk + e, xb);
-      const int sumi = dot32(w[e], xb.q);
+      int sumi = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) sumi = __dp4a(w[e][i], xb.q[i], sumi);
       const int sumq = sq_lo(xb.sq) + sq_hi(xb.sq);
       acc[c] += dot_k_sub(dsc[e], dmn[e], h2f(xb.ds), sumi, sumq);
     }
@@ -330,7 +325,9 @@ __device__ __forceinline__ void dot_b32(int x_blocks, const uint32_t* sx, const 
   for (int c = 0; c < kCols; ++c) {
     XBlock xb;
     load_x(sx, kCols * x_blocks, c * x_blocks + unit, xb);
-    const int sumi = dot32(w, xb.q);
+    int sumi = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sumi = __dp4a(w[i], xb.q[i], sumi);
     const float dx = h2f(xb.ds);
     if constexpr (kType == kQ4_0) {
       acc[c] += dot_q4_0(dw, dx, h2f(xb.ds >> 16), sumi);
@@ -388,7 +385,10 @@ __device__ __forceinline__ void dot_q4_0x4(int x_blocks, const uint32_t* sx, con
     for (int c = 0; c < kCols; ++c) {
       XBlock xb;
       load_x(sx, kCols * x_blocks, c * x_blocks + blk, xb);
-      acc[c] += dot_q4_0(dw, h2f(xb.ds), h2f(xb.ds >> 16), dot32(w, xb.q));
+      int sumi = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sumi = __dp4a(w[j], xb.q[j], sumi);
+      acc[c] += dot_q4_0(dw, h2f(xb.ds), h2f(xb.ds >> 16), sumi);
     }
   }
 }
