@@ -426,6 +426,56 @@ def test_rms_norm_mat_vec_equals_two_kernels(poison_outputs, name, k, batch):
     assert rel_err(got, exact_mat_vec(segments, xq.cpu().numpy())) < CUDA_EXACT_TOL
 
 
+# The one-launch norm of the dp4a kernel (B <= 2 on sm_90, mat_vec_dp4a.cu): clusters of 2 (K <= 2048,
+# with K <= 1024 one CTA of the pair idle), 4 (K = 4096) or 8 CTAs (K = 5120: rounds 5..7 idle; K =
+# 16384: two rounds per CTA), grids rounded up to whole clusters (CTAs without rows), rows in
+# registers (Q4_K, Q4_0 at B = 1) and staged (Q6_K, Q4_0 at B = 2, Q8_0). Whatever path runs, the
+# outputs must be those of the norm op followed by the mat-vec op.
+CLUSTER_NORM_SPECS = {
+    "q4_k": [(T.Q4_K, 70)],
+    "q4_k+q6_k": [(T.Q4_K, 37), (T.Q6_K, 19)],
+    "q4_0": [(T.Q4_0, 93)],
+}
+
+
+@pytest.mark.parametrize("name", list(CLUSTER_NORM_SPECS))
+@pytest.mark.parametrize("k", [256, 1024, 2048, 5120, 16384])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_rms_norm_mat_vec_cluster_sizes(poison_outputs, name, k, batch):
+    specs = CLUSTER_NORM_SPECS[name]
+    segments, buf, qtypes, rows, offsets = make_fused(specs, k)
+    x = randn(batch, k, dtype=torch.bfloat16).to(DEV)
+    nw = (1.0 + 0.2 * torch.randn(k)).to(torch.bfloat16).to(DEV)
+    buf_d = buf.to(DEV)
+    got = ggfuse.ops.rms_norm_mat_vec_q8_1(x, nw, 1e-5, buf_d, qtypes, rows, offsets)
+    xq = ggfuse.rms_norm_mul_q8_1(x, nw, 1e-5)
+    two = ggfuse.mat_vec_q8_1(xq, buf_d, qtypes, rows, offsets)
+    assert rel_err(got, two.double().cpu().numpy()) < 1e-6  # one flipped quant would show as >= 1e-4
+    assert rel_err(got, exact_mat_vec(segments, xq.cpu().numpy())) < CUDA_EXACT_TOL
+
+
+@pytest.mark.parametrize("x_dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("w_dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+def test_rms_norm_mat_vec_cluster_norm_dtypes(poison_outputs, x_dtype, w_dtype, aligned):
+    # Every (x, weight) type pair of the one-launch norm, with 16-byte aligned rows (vector loads)
+    # and with x and the weight 2 or 4 bytes off (scalar loads); K = 4128 is not a multiple of 256
+    # (Q4_0 and Q8_0 rows, staged).
+    k = 4128
+    specs = [(T.Q4_0, 29), (T.Q8_0, 6)]
+    segments, buf, qtypes, rows, offsets = make_fused(specs, k)
+    shift = 0 if aligned else 1
+    x = randn(k + shift, dtype=x_dtype).to(DEV)[shift:].view(1, k)
+    nw = (1.0 + 0.2 * torch.randn(k + shift)).to(w_dtype).to(DEV)[shift:]
+    assert (x.data_ptr() % 16 == 0) == aligned and (nw.data_ptr() % 16 == 0) == aligned
+    got = ggfuse.ops.rms_norm_mat_vec_q8_1(x, nw, 1e-6, buf.to(DEV), qtypes, rows, offsets)
+    xq = ggfuse.rms_norm_mul_q8_1(x, nw, 1e-6)
+    assert torch.equal(xq.cpu(), ggfuse.rms_norm_mul_q8_1(x.cpu(), nw.cpu(), 1e-6))  # the CPU's bytes
+    two = ggfuse.mat_vec_q8_1(xq, buf.to(DEV), qtypes, rows, offsets)
+    assert rel_err(got, two.double().cpu().numpy()) < 1e-6
+    assert rel_err(got, exact_mat_vec(segments, xq.cpu().numpy())) < CUDA_EXACT_TOL
+
+
 @pytest.mark.parametrize("k", [32, 96, 1056])
 @pytest.mark.parametrize("x_dtype", FLOAT_DTYPES, ids=str)
 def test_rms_norm_mat_vec_odd_widths(poison_outputs, k, x_dtype):
@@ -466,7 +516,8 @@ def test_cuda_graph_capture_and_replay():
         assert torch.equal(static_out, ggfuse.rms_norm_mat_vec(static_x, nw, 1e-6, fused))
 
 
-def test_torch_compile_reduce_overhead():
+@pytest.mark.parametrize("batch", [1, 3])
+def test_torch_compile_reduce_overhead(batch):
     members, fused = make_layer()
     nw = (1.0 + 0.2 * torch.randn(4096, device=DEV)).to(torch.bfloat16)
 
@@ -475,7 +526,7 @@ def test_torch_compile_reduce_overhead():
 
     compiled = torch.compile(step, mode="reduce-overhead")
     for _ in range(4):  # the first calls record, later ones replay the graph
-        x = randn(3, 4096, dtype=torch.bfloat16).to(DEV)
+        x = randn(batch, 4096, dtype=torch.bfloat16).to(DEV)
         got = compiled(x).clone()
         torch.testing.assert_close(got, step(x), rtol=1e-6, atol=1e-6)
 
