@@ -10,8 +10,8 @@
 # Environment: GGFUSE_GIT_COMMIT (the commit being tested; the device copy need not be a git repo),
 #   SKIP_BUILD=1 / SKIP_TESTS=1 / SKIP_SANITIZER=1 / SKIP_BENCH=1 to leave a stage out, NCU=1,
 #   SANITIZER_TOOLS (default "memcheck racecheck"), SANITIZER_CONFIGS (configurations separated by spaces,
-#   each ENV=VALUE[,ENV=VALUE...]; default: the MMA fused norm, the dp4a cluster norm on every grid,
-#   the direct kernel with one slot, the dp4a kernel staged for every type, the streaming kernel),
+#   each ENV=VALUE[,ENV=VALUE...]; default: the MMA fused norm, the direct kernel with one slot, the
+#   dp4a kernel staged for every type, the streaming kernel),
 #   SKIP_CPU_TESTS=1 (only tests/test_cuda.py),
 #   GGFUSE_BUILD_CXX (host compiler for the build; on the lent image CXX=/opt/gcc/bin/g++ produced a
 #   _C.so that crashed formatting error messages, /usr/bin/g++ did not),
@@ -125,10 +125,6 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   cuda_variant_stage pytest-cuda-stream GGFUSE_MV_STREAM=8 "mat_vec or graph or compile"
   # the MMA kernel with the norm inside,
   cuda_variant_stage pytest-cuda-mma-fused-norm GGFUSE_FUSED_NORM=1 "rms_norm_mat_vec or graph or compile"
-  # the hot path at B <= 2 without the dp4a kernel's cluster norm (the two kernels), and with it for
-  # every grid (by default only grids whose CTAs are resident at once),
-  cuda_variant_stage pytest-cuda-norm-cluster-off GGFUSE_MV_NORM_CLUSTER=0 "rms_norm_mat_vec or graph or compile"
-  cuda_variant_stage pytest-cuda-norm-cluster-always GGFUSE_MV_NORM_CLUSTER=2 "rms_norm_mat_vec or graph or compile"
   # the dp4a kernel for every type and batch chunk (by default: Q4_K-only weights at B <= 2, weights
   # with a 2-byte aligned type at B <= 4, staged), with the default staging rule, never staged, and
   # always staged (where the rows fit).
@@ -248,11 +244,10 @@ EOF
   stage_start
   : >"$OUT/sanitizer.log"
   for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
-    # the default kernels with the MMA kernel's norm, the dp4a kernel's cluster norm on every grid
-    # (B <= 2; distributed shared memory), the direct kernel with one slot per warp
+    # the default kernels with the MMA kernel's norm, the direct kernel with one slot per warp
     # (every item reuses the slot), the dp4a kernel staged (where the rows fit) for every type, then
     # the streaming kernel (with its norm); SANITIZER_CONFIGS overrides the list
-    for cfg in ${SANITIZER_CONFIGS:-GGFUSE_FUSED_NORM=1 GGFUSE_MV_NORM_CLUSTER=2 GGFUSE_MV_STAGES=1 GGFUSE_MV_DP4A=8,GGFUSE_MV_STAGED=1 GGFUSE_MV_STREAM=8}; do
+    for cfg in ${SANITIZER_CONFIGS:-GGFUSE_FUSED_NORM=1 GGFUSE_MV_STAGES=1 GGFUSE_MV_DP4A=8,GGFUSE_MV_STAGED=1 GGFUSE_MV_STREAM=8}; do
       cfg=${cfg//,/ }
       echo "==== compute-sanitizer --tool $tool ($cfg)" >>"$OUT/sanitizer.log"
       # shellcheck disable=SC2086

@@ -426,23 +426,24 @@ def test_rms_norm_mat_vec_equals_two_kernels(poison_outputs, name, k, batch):
     assert rel_err(got, exact_mat_vec(segments, xq.cpu().numpy())) < CUDA_EXACT_TOL
 
 
-# The one-launch norm of the dp4a kernel (B <= 2 on sm_90, mat_vec_dp4a.cu): clusters of 2 (K <= 2048,
-# with K <= 1024 one CTA of the pair idle), 4 (K = 4096) or 8 CTAs (K = 5120: rounds 5..7 idle; K =
-# 16384: two rounds per CTA), grids rounded up to whole clusters (CTAs without rows), rows in
-# registers (Q4_K, Q4_0 at B = 1) and staged (Q6_K, Q4_0 at B = 2, Q8_0). Whatever path runs, the
-# outputs must be those of the norm op followed by the mat-vec op.
-CLUSTER_NORM_SPECS = {
+# The hot path at B <= 2 across the norm's CTA splits (K <= 1024: one CTA per row; 2048: two; 5120:
+# eight, rounds 5..7 idle; 16384: eight with two rounds each), row counts that leave the dp4a kernel's
+# last CTA partly empty, rows in registers (Q4_K, Q4_0 at B = 1) and staged (Q6_K, Q4_0 at B = 2).
+# Whatever path runs (the one-launch variants under device_check.sh), the outputs must be those of the
+# norm op followed by the mat-vec op. (v16 measured a one-launch norm in clusters of dp4a CTAs against
+# these tests: docs/PERFORMANCE.md.)
+SMALL_BATCH_NORM_SPECS = {
     "q4_k": [(T.Q4_K, 70)],
     "q4_k+q6_k": [(T.Q4_K, 37), (T.Q6_K, 19)],
     "q4_0": [(T.Q4_0, 93)],
 }
 
 
-@pytest.mark.parametrize("name", list(CLUSTER_NORM_SPECS))
+@pytest.mark.parametrize("name", list(SMALL_BATCH_NORM_SPECS))
 @pytest.mark.parametrize("k", [256, 1024, 2048, 5120, 16384])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_rms_norm_mat_vec_cluster_sizes(poison_outputs, name, k, batch):
-    specs = CLUSTER_NORM_SPECS[name]
+def test_rms_norm_mat_vec_small_batches_widths(poison_outputs, name, k, batch):
+    specs = SMALL_BATCH_NORM_SPECS[name]
     segments, buf, qtypes, rows, offsets = make_fused(specs, k)
     x = randn(batch, k, dtype=torch.bfloat16).to(DEV)
     nw = (1.0 + 0.2 * torch.randn(k)).to(torch.bfloat16).to(DEV)
@@ -457,8 +458,8 @@ def test_rms_norm_mat_vec_cluster_sizes(poison_outputs, name, k, batch):
 @pytest.mark.parametrize("x_dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("w_dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
-def test_rms_norm_mat_vec_cluster_norm_dtypes(poison_outputs, x_dtype, w_dtype, aligned):
-    # Every (x, weight) type pair of the one-launch norm, with 16-byte aligned rows (vector loads)
+def test_rms_norm_mat_vec_dtypes_and_alignment(poison_outputs, x_dtype, w_dtype, aligned):
+    # Every (x, weight) type pair of the hot path, with 16-byte aligned rows (vector loads)
     # and with x and the weight 2 or 4 bytes off (scalar loads); K = 4128 is not a multiple of 256
     # (Q4_0 and Q8_0 rows, staged).
     k = 4128

@@ -22,7 +22,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <utility>
 
 namespace ggfuse {
 namespace cuda {
@@ -36,55 +35,6 @@ __device__ __forceinline__ void grid_dependency_wait() {
 __device__ __forceinline__ void allow_dependent_launch() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-// ---- thread block clusters (sm_90+; only launched in clusters there, see launch_kernel) ----
-// A CTA's rank in its cluster (0 outside a cluster launch).
-__device__ __forceinline__ int cluster_rank() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  return static_cast<int>(r);
-#else
-  return 0;
-#endif
-}
-// The split cluster barrier: every thread of every CTA of the cluster arrives once per phase, and a
-// wait returns when the phase is complete. `release` / the wait's acquire order this thread's
-// shared-memory stores (distributed ones included) before the other CTAs' loads after their wait.
-// All lanes of a warp call them together (.aligned).
-__device__ __forceinline__ void cluster_arrive_relaxed() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void cluster_arrive_release() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void cluster_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
-#endif
-}
-// The shared::cluster address of the same shared-memory location (`saddr`, a shared::cta address)
-// in the CTA of rank `rank`; a 4-byte store there.
-__device__ __forceinline__ uint32_t cluster_map_shared(uint32_t saddr, int rank) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  uint32_t r;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(saddr), "r"(rank));
-  return r;
-#else
-  return saddr;
-#endif
-}
-__device__ __forceinline__ void cluster_store(uint32_t caddr, uint32_t v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("st.shared::cluster.u32 [%0], %1;" ::"r"(caddr), "r"(v) : "memory");
-#else
-  asm volatile("st.shared.u32 [%0], %1;" ::"r"(caddr), "r"(v) : "memory");
 #endif
 }
 
@@ -172,11 +122,10 @@ inline bool pdl_enabled(int device) {
 }
 
 // Launches kernel<<<grid, block, smem, stream>>>(args...) with the programmatic-stream-serialization
-// attribute when PDL is enabled, in clusters of `cluster` CTAs when cluster > 1 (sm_90+; grid.x a
-// multiple of it), and returns the launch status.
+// attribute when PDL is enabled, and returns the launch status.
 template <typename... KArgs, typename... Args>
-cudaError_t launch_kernel_clustered(int cluster, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
-                                    cudaStream_t stream, Args&&... args) {
+cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                          cudaStream_t stream, Args&&... args) {
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
@@ -185,30 +134,14 @@ cudaError_t launch_kernel_clustered(int cluster, void (*kernel)(KArgs...), dim3 
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  cudaLaunchAttribute attr[2];
-  int n = 0;
-  if (pdl_enabled(device)) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n].val.programmaticStreamSerializationAllowed = 1;
-    ++n;
-  }
-  if (cluster > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = static_cast<unsigned>(cluster);
-    attr[n].val.clusterDim.y = 1;
-    attr[n].val.clusterDim.z = 1;
-    ++n;
-  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
-  config.numAttrs = n;
+  config.numAttrs = pdl_enabled(device) ? 1 : 0;
   err = cudaLaunchKernelEx(&config, kernel, static_cast<KArgs>(args)...);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
-}
-template <typename... KArgs, typename... Args>
-cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                          Args&&... args) {
-  return launch_kernel_clustered(1, kernel, grid, block, smem, stream, std::forward<Args>(args)...);
 }
 
 }  // namespace cuda

@@ -1557,7 +1557,7 @@ cudaError_t rms_norm_mat_vec_q8_1(const void* x, FloatType x_type, const void* n
   const cudaError_t stream_err = rms_norm_mat_vec_q8_1_stream(x, x_type, norm_w, w_type, eps, weight, weight_bytes,
                                                               table, k, batch, out, n_out, stream);
   if (stream_err != cudaErrorNotSupported) return stream_err;
-  if (batch > kMaxCols) return cudaErrorNotSupported;
+  if (batch > kMaxCols || !overrides().fused_norm) return cudaErrorNotSupported;
   if (!valid_args(table, k)) return cudaErrorInvalidValue;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -1565,15 +1565,6 @@ cudaError_t rms_norm_mat_vec_q8_1(const void* x, FloatType x_type, const void* n
   Params p{};
   const int types = fill_params(p, weight, table, k, n_out);
   if (types < 0) return cudaErrorInvalidValue;
-  // The dp4a kernel's clusters normalizing x (default where mat_vec_q8_1 would run the dp4a kernel
-  // for this batch: docs/PERFORMANCE.md v16), then the opt-in MMA kernel doing it.
-  DpStaging staging;
-  if (use_dp4a(types, static_cast<int>(batch), overrides().direct && direct_mask(p, types) != 0, &staging)) {
-    err = rms_norm_mat_vec_q8_1_dp4a(x, x_type, norm_w, w_type, eps, weight, weight_bytes, table, k, batch, out,
-                                     n_out, staging, stream);
-    if (err != cudaErrorNotSupported) return err;
-  }
-  if (!overrides().fused_norm) return cudaErrorNotSupported;
   p.x = nullptr;
   p.out = out;
   p.batch = static_cast<int32_t>(batch);

@@ -45,17 +45,6 @@ cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, int64_t weight_bytes, const
                               const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out,
                               DpStaging staging, cudaStream_t stream);
 
-// rms_norm_mul_q8_1 fused into mat_vec_q8_1_dp4a for batch <= 2 on sm_90+, one launch: the CTAs of
-// the dp4a kernel form clusters of up to 8 that normalize x together, each quantizing a share of it
-// into the shared memory of all of them (distributed shared memory); the bytes rms_norm_mul_q8_1
-// writes. Returns cudaErrorNotSupported, having launched nothing, for batch > 2, on older GPUs, with
-// GGFUSE_MV_NORM_CLUSTER=0, when the launch's CTAs are not all resident at once (unless
-// GGFUSE_MV_NORM_CLUSTER=2), or where mat_vec_q8_1_dp4a would; the caller then runs two kernels.
-cudaError_t rms_norm_mat_vec_q8_1_dp4a(const void* x, FloatType x_type, const void* norm_w, FloatType w_type,
-                                       float eps, const uint8_t* weight, int64_t weight_bytes,
-                                       const SegmentTable& table, int64_t k, int64_t batch, float* out,
-                                       int64_t n_out, DpStaging staging, cudaStream_t stream);
-
 // rms_norm_mul_q8_1 fused into mat_vec_q8_1 for batch <= 8, one launch: every CTA of the mat-vec
 // normalizes and quantizes x [batch, k] itself (into shared memory: the bytes rms_norm_mul_q8_1
 // writes). Opt-in, both measured slower than the two kernels chained by PDL: tries
