@@ -121,6 +121,15 @@ inline bool pdl_enabled(int device) {
   return device_attribute(device, cudaDevAttrComputeCapabilityMajor) >= 9;
 }
 
+// GGFUSE_SMEM_CARVEOUT=P (0..100, read once; an experiment knob): every ggfuse kernel prefers P% of the
+// SM's L1/shared storage as shared memory (cudaFuncAttributePreferredSharedMemoryCarveout); unset:
+// the driver's choice. For the question whether kernels whose shared-memory configurations differ
+// can co-reside under PDL (docs/PERFORMANCE.md v16).
+inline int smem_carveout() {
+  static const int percent = env_int("GGFUSE_SMEM_CARVEOUT", -1);
+  return percent;
+}
+
 // Launches kernel<<<grid, block, smem, stream>>>(args...) with the programmatic-stream-serialization
 // attribute when PDL is enabled, and returns the launch status.
 template <typename... KArgs, typename... Args>
@@ -139,6 +148,10 @@ cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
   config.numAttrs = pdl_enabled(device) ? 1 : 0;
+  if (smem_carveout() >= 0 && smem_carveout() <= 100) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, smem_carveout());
+    if (err != cudaSuccess) return err;
+  }
   err = cudaLaunchKernelEx(&config, kernel, static_cast<KArgs>(args)...);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
