@@ -1298,7 +1298,7 @@ int best_k_groups(const Params& p) {
 // above kDp4aAutoMaxBatch), GGFUSE_MV_STAGED (0/1: the dp4a kernel never / always stages its rows in
 // shared memory; unset: the measured rule above), GGFUSE_MV_DIRECT=0 (weights the direct kernel handles
 // take the staged kernel instead of mat_vec_direct_kernel), GGFUSE_MV_Q6K_COST (the direct kernel's
-// CTA balance: a Q6_K item's work in quarters of a Q4_K item, default 7; 0: balance by weight bytes).
+// CTA balance: a Q6_K item's work in quarters of a Q4_K item; unset: q6k_cost_for; 0: by weight bytes).
 struct Overrides {
   int stages = env_int("GGFUSE_MV_STAGES", 2);
   int k_groups = env_int("GGFUSE_MV_KGROUPS", 0);
@@ -1307,7 +1307,7 @@ struct Overrides {
   int dp4a_forced = env_int("GGFUSE_MV_DP4A", -1);  // -1: the measured rule
   int staged_forced = env_int("GGFUSE_MV_STAGED", -1);  // -1: the measured rule
   bool direct = env_int("GGFUSE_MV_DIRECT", 1) != 0;
-  int q6k_cost = env_int("GGFUSE_MV_Q6K_COST", 7);  // direct kernel: a Q6_K item's work in quarter Q4_K items; 0: balance by bytes
+  int q6k_cost = env_int("GGFUSE_MV_Q6K_COST", -1);  // direct kernel: a Q6_K item's work in quarter Q4_K items; 0: balance by bytes; -1: q6k_cost_for
 };
 const Overrides& overrides() {
   static const Overrides o;
@@ -1393,6 +1393,21 @@ cudaError_t launch_cols(Params& p, int device, cudaStream_t stream) {
 // 14.17 / 13.60 / 13.39 / 13.25 / 13.08 us, gate|up 43.83 / 43.79 / 40.62 / 43.97 / 42.70 / 45.79, QKV
 // 8192 32.41 / - / 30.45 / 30.33 / 30.24 / 30.38: 7 is the best compromise (the tile-count rounding
 // of each split moves the stragglers between the Q4_K and the Q6_K CTAs).
+// v16 measured it again with today's norm (H200, B = 4 / 8, costs 7..12; docs/PERFORMANCE.md v16):
+// where the Q6_K rows are a minority (QKV with a Q6_K V), a higher cost, which gives the Q6_K CTAs
+// less than their share, lets the next layer's norm overlap this layer again (QKV 4096 at B = 8,
+// norm -> mat-vec: 11.60 us at 7, 10.78 at 11; mat-vec alone 10.00 / 9.96), and 2048 / 5120-wide
+// QKV gain 1.3-3 us; where they are half the rows (gate | up) the same shift overloads the Q4_K CTAs
+// (37.87 -> 44.63). Hence 11 when at most a quarter of the rows are Q6_K, else 7.
+int q6k_cost_for(const Params& q) {
+  int64_t q6k_rows = 0, rows = 0;
+  for (int s = 0; s < q.n_seg; ++s) {
+    rows += q.seg[s].rows;
+    if (q.seg[s].type == kQ6_K) q6k_rows += q.seg[s].rows;
+  }
+  return 4 * q6k_rows <= rows ? 11 : 7;
+}
+
 void balance_direct_by_work(Params& q, int q6k_cost) {
   int64_t cost = 0;
   for (int s = 0; s < q.n_seg; ++s) {
@@ -1411,7 +1426,8 @@ cudaError_t launch_direct(Params& p, int device, cudaStream_t stream) {
   const int smem_optin = device_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
   Params q = p;
   q.stage_bytes = direct_slot_bytes(kMask);
-  if (ov.q6k_cost > 0) balance_direct_by_work(q, ov.q6k_cost);
+  const int q6k_cost = ov.q6k_cost >= 0 ? ov.q6k_cost : q6k_cost_for(q);
+  if (q6k_cost > 0) balance_direct_by_work(q, q6k_cost);
   int grid = std::min({sms, q.total_tiles, kMaxGrid});
   size_t smem = 0;
   for (;;) {
