@@ -131,6 +131,8 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   cuda_variant_stage pytest-cuda-dp4a-forced GGFUSE_MV_DP4A=8 "mat_vec or graph or compile"
   cuda_variant_stage pytest-cuda-dp4a-unstaged "GGFUSE_MV_DP4A=8 GGFUSE_MV_STAGED=0" "mat_vec or graph or compile"
   cuda_variant_stage pytest-cuda-dp4a-staged "GGFUSE_MV_DP4A=8 GGFUSE_MV_STAGED=1" "mat_vec or graph or compile"
+  # the dp4a kernel's interleaved row order (by default for launches of mixed types) for every launch
+  cuda_variant_stage pytest-cuda-dp4a-interleave GGFUSE_MV_INTERLEAVE=2 "mat_vec or graph or compile"
   # the staged MMA kernel for the weights the direct kernel takes by default (Q4_K, Q4_K + Q6_K,
   # Q4_0 with K % 256 == 0), and the MMA kernels at every batch (the dp4a kernel never), so the
   # direct kernel also runs B = 1 to 4.

@@ -75,11 +75,23 @@ struct DpParams {
   int32_t rows_per_warp;  // staged kernel: 1 or 2 (the slots per warp)
   int32_t slot_bytes;     // staged kernel: bytes per row slot (a multiple of 16)
   int32_t x_words;        // staged kernel: words of the x copy (a multiple of 4; the slots follow)
+  int32_t interleave;     // 1: CTA c takes rows c, c + grid, c + 2 grid, ... (dp4a_row_index)
 };
 
 constexpr int kDpRowsPerWarp = 2;  // rows a warp takes in turn: a CTA covers 16 rows
 constexpr int kDpCtaRows = kDpWarps * kDpRowsPerWarp;
 constexpr int kDpMinCtasPerSm = 3;  // the occupancy the register path reaches (72-80 registers)
+
+// The global row of a CTA's local row `local` (0 .. rows per CTA - 1, warp-major). Contiguous by
+// default; interleaved for launches whose segments have different types, so that every CTA gets
+// its share of each type's rows: with contiguous rows the CTAs of the costlier segment (the Q6_K V
+// of a QKV layer: 1/6 of the rows, staged, ~2x a Q4_K row's time) were the last of the one wave to
+// finish (docs/PERFORMANCE.md v16). Each row is still computed by one warp in the one order: the
+// outputs do not depend on the mapping.
+__device__ __forceinline__ int dp4a_row_index(const DpParams& p, int local, int cta_rows) {
+  return p.interleave ? static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) * local
+                      : static_cast<int>(blockIdx.x) * cta_rows + local;
+}
 
 // Segment of global row `grow` (rows are numbered across segments in table order).
 __device__ __forceinline__ int segment_of(const DpParams& p, int grow) {
@@ -113,20 +125,23 @@ __global__ void __launch_bounds__(kDpThreads) mat_vec_dp4a_kernel(const DpParams
   allow_dependent_launch();
   const int lane = threadIdx.x & 31;
   auto stage = [&] { dp4a::stage_x(p.x, kCols * p.x_blocks, sx); };
-  const int row0 = blockIdx.x * kDpCtaRows + (threadIdx.x >> 5) * kDpRowsPerWarp;
+  const int local0 = (threadIdx.x >> 5) * kDpRowsPerWarp;
+  const int row0 = dp4a_row_index(p, local0, kDpCtaRows);
   if (row0 >= p.total_rows) {  // no row here: only take part in the CTA's copy of x
     stage();
     return;
   }
   dp4a_row<kCols, true>(p, sx, row0, lane, stage);
 #pragma unroll 1
-  for (int j = 1; j < kDpRowsPerWarp && row0 + j < p.total_rows; ++j) {
-    dp4a_row<kCols, false>(p, sx, row0 + j, lane, stage);
+  for (int j = 1; j < kDpRowsPerWarp; ++j) {
+    const int row = dp4a_row_index(p, local0 + j, kDpCtaRows);
+    if (row >= p.total_rows) break;
+    dp4a_row<kCols, false>(p, sx, row, lane, stage);
   }
 }
 
-// Staged variant. Warp w's rows are row0, row0 + 1 (rows_per_warp of them); row j lands in slot j
-// of the warp's slots, its first byte at slot + (its buffer offset mod 16).
+// Staged variant. Warp w's rows are its local rows w * rows_per_warp + j (dp4a_row_index); row j
+// lands in slot j of the warp's slots, its first byte at slot + (its buffer offset mod 16).
 __device__ __forceinline__ int64_t staged_row_offset(const DpParams& p, int grow, const DpSeg** sd_out) {
   const DpSeg& sd = p.seg[segment_of(p, grow)];
   *sd_out = &sd;
@@ -174,10 +189,11 @@ __global__ void __launch_bounds__(kDpThreads) mat_vec_dp4a_staged_kernel(const D
   allow_dependent_launch();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int rpw = p.rows_per_warp;
-  const int row0 = (blockIdx.x * kDpWarps + warp) * rpw;
+  const int row0 = dp4a_row_index(p, warp * rpw, kDpWarps * rpw);
+  const int row1 = dp4a_row_index(p, warp * rpw + 1, kDpWarps * rpw);  // used when rpw == 2
   uint8_t* slots = reinterpret_cast<uint8_t*>(smem_words + p.x_words) +
                    static_cast<int64_t>(warp) * rpw * p.slot_bytes;
-  const int rows = max(0, min(rpw, p.total_rows - row0));
+  const int rows = row0 >= p.total_rows ? 0 : rpw == 2 && row1 < p.total_rows ? 2 : 1;
   // Rows of staged segments are copied whole; every lane commits one group per row (empty for a
   // row read from global memory), so group j is row j's copy for every lane.
   bool staged0 = false, staged1 = false;
@@ -185,7 +201,7 @@ __global__ void __launch_bounds__(kDpThreads) mat_vec_dp4a_staged_kernel(const D
   for (int j = 0; j < kDpRowsPerWarp; ++j) {
     if (j < rows) {
       const DpSeg* sd;
-      const int64_t off = staged_row_offset(p, row0 + j, &sd);
+      const int64_t off = staged_row_offset(p, j == 0 ? row0 : row1, &sd);
       if (sd->staged) copy_row_to_slot(p, off, sd->row_bytes, slots + j * p.slot_bytes, lane);
       (j == 0 ? staged0 : staged1) = sd->staged != 0;
       cp_async_commit();
@@ -209,9 +225,9 @@ __global__ void __launch_bounds__(kDpThreads) mat_vec_dp4a_staged_kernel(const D
   if (rows < 2) return;
   if (staged1) {
     cp_async_wait<0>();
-    staged_row<kCols>(p, sx, slots + p.slot_bytes, row0 + 1, lane);
+    staged_row<kCols>(p, sx, slots + p.slot_bytes, row1, lane);
   } else {
-    dp4a_row<kCols, false>(p, sx, row0 + 1, lane, stage);
+    dp4a_row<kCols, false>(p, sx, row1, lane, stage);
   }
 }
 
@@ -322,6 +338,11 @@ cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, int64_t weight_bytes, const
   }
   if (rows > (int64_t{1} << 30)) return cudaErrorInvalidValue;
   p.total_rows = static_cast<int32_t>(rows);
+  // GGFUSE_MV_INTERLEAVE (read once): 0 never, 2 always; unset: where the segments' types differ.
+  static const int interleave = env_int("GGFUSE_MV_INTERLEAVE", 1);
+  bool mixed = false;
+  for (int s = 1; s < table.count; ++s) mixed = mixed || table.seg[s].type != table.seg[0].type;
+  p.interleave = interleave >= 2 || (interleave == 1 && mixed) ? 1 : 0;
   switch (batch) {
     case 1: return launch_dp4a<1>(p, staged, stream);
     case 2: return launch_dp4a<2>(p, staged, stream);
