@@ -23,7 +23,9 @@
 //     a 9-word stride so lanes reading different blocks hit different banks; each warp loads its
 //     first weight unit before the wait. (Reading them straight from global/L1 with 4-byte loads
 //     at a 36-byte stride across lanes measured 1.5-4x slower at B >= 2: L1 wavefronts.)
-//   * 8 warps per CTA, 2 rows per warp: a CTA per 16 rows, 72-80 registers, ~3 CTAs per SM.
+//   * 8 warps per CTA, 2 rows per warp: a CTA per 16 rows, 72-80 registers, ~3 CTAs per SM; where
+//     the segments' types differ the CTAs take interleaved rows (dp4a_row_index), so the costlier
+//     type's rows are spread over every CTA of the (about one) wave.
 //   * staged variant (mat_vec.cu decides: by default for weights with a 2-byte aligned type): before
 //     the PDL wait each warp copies the whole of its rows into its own shared-memory slots with
 //     16-byte cp.async (the enclosing granules, so every byte keeps its address mod 16 and the units
