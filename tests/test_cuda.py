@@ -404,15 +404,8 @@ FUSED_NORM_SPECS = {
 }
 
 
-@pytest.mark.parametrize("name", list(FUSED_NORM_SPECS))
-@pytest.mark.parametrize("k", [256, 4096, 8192])
-@pytest.mark.parametrize("batch", [1, 2, 4])
-def test_rms_norm_mat_vec_equals_two_kernels(poison_outputs, name, k, batch):
-    # The hot path against the norm op then the mat-vec op, whichever path it takes. By default it
-    # runs those two kernels; under device_check.sh's variants (GGFUSE_FUSED_NORM=1,
-    # GGFUSE_MV_STREAM=8) mat-vec CTAs normalize x themselves and must write the norm kernel's bytes.
-    # K = 8192 takes the norm past the rounds it holds in registers.
-    specs = FUSED_NORM_SPECS[name]
+def check_hot_path_equals_two_ops(specs, k, batch):
+    """The hot path against the norm op then the mat-vec op on fresh bf16 x, whichever path it takes."""
     segments, buf, qtypes, rows, offsets = make_fused(specs, k)
     x = randn(batch, k, dtype=torch.bfloat16).to(DEV)
     nw = (1.0 + 0.2 * torch.randn(k)).to(torch.bfloat16).to(DEV)
@@ -426,12 +419,21 @@ def test_rms_norm_mat_vec_equals_two_kernels(poison_outputs, name, k, batch):
     assert rel_err(got, exact_mat_vec(segments, xq.cpu().numpy())) < CUDA_EXACT_TOL
 
 
+@pytest.mark.parametrize("name", list(FUSED_NORM_SPECS))
+@pytest.mark.parametrize("k", [256, 4096, 8192])
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_rms_norm_mat_vec_equals_two_kernels(poison_outputs, name, k, batch):
+    # By default the hot path runs those two kernels; under device_check.sh's variants
+    # (GGFUSE_FUSED_NORM=1, GGFUSE_MV_STREAM=8) mat-vec CTAs normalize x themselves and must write the
+    # norm kernel's bytes. K = 8192 takes the norm past the rounds it holds in registers.
+    check_hot_path_equals_two_ops(FUSED_NORM_SPECS[name], k, batch)
+
+
 # The hot path at B <= 2 across the norm's CTA splits (K <= 1024: one CTA per row; 2048: two; 5120:
 # eight, rounds 5..7 idle; 16384: eight with two rounds each), row counts that leave the dp4a kernel's
-# last CTA partly empty, rows in registers (Q4_K, Q4_0 at B = 1) and staged (Q6_K, Q4_0 at B = 2).
-# Whatever path runs (the one-launch variants under device_check.sh), the outputs must be those of the
-# norm op followed by the mat-vec op. (v16 measured a one-launch norm in clusters of dp4a CTAs against
-# these tests: docs/PERFORMANCE.md.)
+# last CTA partly empty, rows in registers (Q4_K, Q4_0 at B = 1) and staged (Q6_K, Q4_0 at B = 2),
+# mixed types (the dp4a kernel's interleaved rows). (v16 also measured a one-launch norm in clusters
+# of dp4a CTAs against these tests: docs/PERFORMANCE.md.)
 SMALL_BATCH_NORM_SPECS = {
     "q4_k": [(T.Q4_K, 70)],
     "q4_k+q6_k": [(T.Q4_K, 37), (T.Q6_K, 19)],
@@ -443,16 +445,7 @@ SMALL_BATCH_NORM_SPECS = {
 @pytest.mark.parametrize("k", [256, 1024, 2048, 5120, 16384])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_rms_norm_mat_vec_small_batches_widths(poison_outputs, name, k, batch):
-    specs = SMALL_BATCH_NORM_SPECS[name]
-    segments, buf, qtypes, rows, offsets = make_fused(specs, k)
-    x = randn(batch, k, dtype=torch.bfloat16).to(DEV)
-    nw = (1.0 + 0.2 * torch.randn(k)).to(torch.bfloat16).to(DEV)
-    buf_d = buf.to(DEV)
-    got = ggfuse.ops.rms_norm_mat_vec_q8_1(x, nw, 1e-5, buf_d, qtypes, rows, offsets)
-    xq = ggfuse.rms_norm_mul_q8_1(x, nw, 1e-5)
-    two = ggfuse.mat_vec_q8_1(xq, buf_d, qtypes, rows, offsets)
-    assert rel_err(got, two.double().cpu().numpy()) < 1e-6  # one flipped quant would show as >= 1e-4
-    assert rel_err(got, exact_mat_vec(segments, xq.cpu().numpy())) < CUDA_EXACT_TOL
+    check_hot_path_equals_two_ops(SMALL_BATCH_NORM_SPECS[name], k, batch)
 
 
 @pytest.mark.parametrize("x_dtype", FLOAT_DTYPES, ids=str)
