@@ -22,16 +22,20 @@ constexpr uint32_t kOne = 0x01010101u;
 constexpr int kQ8Bytes = sizeof(BlockQ8_1);
 
 // ---- loads: the weight readers are templated on where the bytes are ----
-// Weights in global memory (mat_vec_dp4a.cu), through the read-only path. The 16-byte loads (the
-// Q4_K / Q5_K units) read every byte once, so they skip L1 (L1::no_allocate). The 4- and 2-byte word
-// loads of the 2-byte aligned types (Q4_0, Q5_0, Q8_0, Q6_K: lanes 18 to 210 bytes apart) allocate in
-// L1: each warp-wide word load touches the sectors of the neighbouring lanes' blocks, which the next
-// word loads then find in L1 instead of fetching them from L2 again (v7 measured those types 2x slower
-// than their bytes with no_allocate).
+// Weights in global memory (mat_vec_dp4a.cu), through the read-only path, allocating in L1: every
+// load here reads part of a 32-byte sector whose other bytes the lane's next load, or a neighbouring
+// lane's, reads soon after, and finds in L1 instead of fetching the sector from L2 again.
+//   * the 4- and 2-byte word loads of the 2-byte aligned types (Q4_0, Q5_0, Q8_0, Q6_K: lanes 18 to
+//     210 bytes apart; each warp-wide word load touches the sectors of the neighbouring lanes'
+//     blocks): v7 measured them 2x slower than their bytes with L1::no_allocate;
+//   * the 16-byte loads (Q4_K / Q5_K units, Q4_0's 4-block units) each read half a sector, and the
+//     two lanes of a Q4_0 144-byte group both read its middle granule: v17 measured QKV Q4_0 at B=1
+//     8.54 -> 7.69 us on the H100 with it, and on the H200 Q4_K and Q4_K+Q6_K at B <= 2 up to 12-16%
+//     faster at K >= 5120 than with L1::no_allocate (docs/PERFORMANCE.md v17).
 struct GlobalLd {
   static __device__ __forceinline__ uint4 ld16(const uint8_t* p) {
     uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                  : "l"(p));
     return v;

@@ -8,10 +8,10 @@
 //     one block (Q4_0 at B = 1 with K % 256 == 0: four blocks read in 16-byte loads, dp4a_units.cuh
 //     UnitQ4_0x4, kept in registers instead of staged). Every lane does useful work at every batch
 //     size (no MMA columns or lanes idle).
-//   * weights go global -> registers through the read-only path: 16-byte loads past L1 for Q4_K / Q5_K
-//     (always 16-byte aligned), aligned 4-byte words + funnel shifts, allocating in L1, for the 2-byte
-//     aligned types (Q4_0, Q5_0, Q8_0, Q6_K), never reading outside the segment (dp4a_units.cuh
-//     GlobalLd says why; those types are staged by default, see below). The next unit's weights are loaded
+//   * weights go global -> registers through the read-only path, allocating in L1: 16-byte loads for
+//     Q4_K / Q5_K (always 16-byte aligned) and Q4_0's 4-block units, aligned 4-byte words + funnel
+//     shifts for the 2-byte aligned types (Q4_0, Q5_0, Q8_0, Q6_K), never reading outside the segment
+//     (dp4a_units.cuh GlobalLd says why; those types are staged by default, see below). The next unit's weights are loaded
 //     while the current one is computed (software pipelining: two units in flight per lane).
 //   * the integer dot products use __dp4a on unpacked nibbles (mask 0x0F0F0F0F / shift 4; fifth and
 //     sixth bits spread in with word operations), Σq_x with dp4a against 0x01010101; the integer sums
