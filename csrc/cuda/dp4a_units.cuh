@@ -228,6 +228,33 @@ __device__ __forceinline__ void dot_k(int x_blocks, const uint32_t* sx, const Un
   }
 }
 
+#ifdef GGFUSE_EXP_Q4K_HALF_UNITS
+// EXPERIMENT (compiled in with -DGGFUSE_EXP_Q4K_HALF_UNITS; exact results, so the tests can run on
+// it): a Q4_K unit of half a super-block (two sub-block pairs: the header and 64 quant bytes, five
+// 16-byte loads per lane and unit instead of three), to measure whether the bytes a lane has in
+// flight set the B=1 streaming rate on the H200 (docs/PERFORMANCE.md, What limits: Q4_0's
+// five-load units stream at 0.83 of the bandwidth there, Q4_K's three-load units at 0.75).
+struct UnitK2 {
+  UnitK<false> a, b;  // sub-block pairs 2h and 2h + 1 of super-block sb (the header in a only)
+};
+template <class Ld>
+__device__ __forceinline__ void load_k2(const uint8_t* row, int unit, UnitK2& u) {
+  const uint8_t* b = row + (unit >> 1) * 144;
+  const uint8_t* q = b + 16 + 64 * (unit & 1);
+  u.a.hdr = Ld::ld16(b);
+  u.a.q0 = Ld::ld16(q);
+  u.a.q1 = Ld::ld16(q + 16);
+  u.b.q0 = Ld::ld16(q + 32);
+  u.b.q1 = Ld::ld16(q + 48);
+}
+template <int kCols>
+__device__ __forceinline__ void dot_k2(int x_blocks, const uint32_t* sx, UnitK2 u, int unit, float (&acc)[kCols]) {
+  u.b.hdr = u.a.hdr;
+  dot_k<kCols, false>(x_blocks, sx, u.a, 2 * unit, acc);
+  dot_k<kCols, false>(x_blocks, sx, u.b, 2 * unit + 1, acc);
+}
+#endif
+
 // Q6_K unit (super-block sb, half h, u = 0/1): ql bytes [64h + 32u, +32) (low nibbles: sub-block
 // 4h + u, high nibbles: 4h + 2 + u), qh bytes [128 + 32h, +32), the four int8 scales and d.
 struct UnitQ6 {
@@ -428,6 +455,13 @@ __device__ __forceinline__ void row_dot_typed(const uint8_t* row, int x_blocks, 
         nb / 4, lane, [&](int un, UnitQ4_0x4& w) { load_q4_0x4<Ld>(row, un, w); },
         [&](const UnitQ4_0x4& w, int un, float (&a)[kCols]) { dot_q4_0x4<kCols>(nb, sx, w, un, a); }, acc, first,
         first_fn);
+#ifdef GGFUSE_EXP_Q4K_HALF_UNITS
+  } else if constexpr (kType == kQ4_K && kCols == 1) {  // B = 1 only: at B = 2 it takes 94 registers
+    run_row<kCols, UnitK2>(
+        nb / 4, lane, [&](int un, UnitK2& w) { load_k2<Ld>(row, un, w); },
+        [&](const UnitK2& w, int un, float (&a)[kCols]) { dot_k2<kCols>(nb, sx, w, un, a); }, acc, first,
+        first_fn);
+#endif
   } else if constexpr (kType == kQ4_K || kType == kQ5_K) {
     constexpr bool kQ5 = kType == kQ5_K;
     run_row<kCols, UnitK<kQ5>>(
