@@ -90,6 +90,26 @@ def test_rms_norm_mul_q8_1(dtype, w_dtype, shape):
         assert torch.equal(q8, ggfuse.quantize_q8_1(y))
 
 
+def test_rms_norm_rejects_rows_of_2_31_values():
+    """K >= 2^31 is refused on every device (the CUDA norm indexes within a row in 32 bits), before
+    any work: the two 4 GiB inputs are allocated but never touched."""
+    k = 1 << 31
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN poisoning of 8 GiB
+    try:
+        x = torch.empty(1, k, dtype=torch.bfloat16)
+        w = torch.empty(k, dtype=torch.bfloat16)
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    weight = torch.zeros(144, dtype=torch.uint8)  # one Q4_K row of 256 values: never reached
+    calls = [lambda: ggfuse.rms_norm_mul_q8_1(x, w),
+             lambda: ggfuse.rms_norm_mul_q8_1(x, w, return_float=True),
+             lambda: ggfuse.ops.rms_norm_mat_vec_q8_1(x, w, 1e-6, weight, [T.Q4_K], [1], [0])]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"K = 2147483648 is too long for one norm row"):
+            call()
+
+
 # ---------------------------------------------------------------- dequantize
 
 DEQ_TYPES = ALL_MAT_VEC_TYPES + (T.F32, T.F16, T.BF16)
