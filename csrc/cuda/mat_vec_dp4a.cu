@@ -11,8 +11,9 @@
 //   * weights go global -> registers through the read-only path, allocating in L1: 16-byte loads for
 //     Q4_K / Q5_K (always 16-byte aligned) and Q4_0's 4-block units, aligned 4-byte words + funnel
 //     shifts for the 2-byte aligned types (Q4_0, Q5_0, Q8_0, Q6_K), never reading outside the segment
-//     (dp4a_units.cuh GlobalLd says why; those types are staged by default, see below). The next unit's weights are loaded
-//     while the current one is computed (software pipelining: two units in flight per lane).
+//     (dp4a_units.cuh GlobalLd says why; those types are staged by default, see below). The next
+//     unit's weights are loaded while the current one is computed (software pipelining: two units in
+//     flight per lane).
 //   * the integer dot products use __dp4a on unpacked nibbles (mask 0x0F0F0F0F / shift 4; fifth and
 //     sixth bits spread in with word operations), Σq_x with dp4a against 0x01010101; the integer sums
 //     are whole-block (or whole 16-value Q6_K group) sums and go through decode.h's dot_* formulas,
