@@ -252,7 +252,10 @@ def test_testdata_fused_qkv_every_layer(name):
         out = fused.forward_q8(xq)
         segments = [(m[1].numpy(), m[2]) for m in members]
         assert rel_err(out, exact_mat_vec(segments, xq.numpy())) < CPU_EXACT_TOL
-        assert rel_err(fused(x), float_mat_vec(segments, x.numpy())) < FLOAT_TOL
+        # The Q8-noise bound is statistical: over 3 inputs the Q4_0 layers (K = 256) measured a median
+        # of 1.3% and a tail past 2% (oracle.float_check_batch), so it runs on enough inputs.
+        xf = randn(oracle.float_check_batch(3, sum(fused.out_features)), fused.in_features)
+        assert rel_err(fused(xf), float_mat_vec(segments, xf.numpy())) < FLOAT_TOL
     if "q4_k_m" in name:
         assert {T.Q4_K, T.Q6_K} <= seen_types  # the mixed-type QKV of layers 2 and 3 was covered
 
