@@ -450,7 +450,14 @@ template <int kCols, int32_t kType, class Ld, typename First>
 __device__ __forceinline__ void row_dot_typed(const uint8_t* row, int x_blocks, const uint32_t* sx, int lane,
                                               float (&acc)[kCols], bool first, First first_fn, bool wide) {
   const int nb = x_blocks;
-  if (kType == kQ4_0 && kCols == 1 && wide) {  // B = 1 only (wide_units_ok)
+#ifdef GGFUSE_EXP_Q4_0_WIDE_B2
+  // EXPERIMENT (-DGGFUSE_EXP_Q4_0_WIDE_B2): the 16-byte-load units at B = 2 too, re-measured with
+  // the L1-allocating loads of v17 (v15 measured them slower than staging at B = 2 before those).
+  constexpr int kWideCols = 2;
+#else
+  constexpr int kWideCols = 1;
+#endif
+  if (kType == kQ4_0 && kCols <= kWideCols && wide) {  // B = 1 only (wide_units_ok)
     run_row<kCols, UnitQ4_0x4>(
         nb / 4, lane, [&](int un, UnitQ4_0x4& w) { load_q4_0x4<Ld>(row, un, w); },
         [&](const UnitQ4_0x4& w, int un, float (&a)[kCols]) { dot_q4_0x4<kCols>(nb, sx, w, un, a); }, acc, first,
@@ -510,7 +517,12 @@ __device__ __forceinline__ void row_dot(int32_t type, const uint8_t* row, int x_
 // knob, read once).
 inline bool wide_units_ok(int32_t type, int64_t k, int64_t byte_offset, int64_t batch) {
   static const bool on = env_int("GGFUSE_MV_WIDE", 1) != 0;
-  return on && batch == 1 && type == kQ4_0 && k % 256 == 0 && byte_offset % 16 == 0;
+#ifdef GGFUSE_EXP_Q4_0_WIDE_B2
+  constexpr int64_t kWideBatch = 2;
+#else
+  constexpr int64_t kWideBatch = 1;
+#endif
+  return on && batch <= kWideBatch && type == kQ4_0 && k % 256 == 0 && byte_offset % 16 == 0;
 }
 
 }  // namespace dp4a

@@ -79,6 +79,8 @@ struct DpParams {
   int32_t slot_bytes;     // staged kernel: bytes per row slot (a multiple of 16)
   int32_t x_words;        // staged kernel: words of the x copy (a multiple of 4; the slots follow)
   int32_t interleave;     // 1: CTA c takes rows c, c + grid, c + 2 grid, ... (dp4a_row_index)
+  int32_t l2_prefetch;    // register kernel: 1: each warp bulk-prefetches its rows into L2 before
+                          // the PDL wait (GGFUSE_MV_L2_PREFETCH=1, an experiment knob)
 };
 
 constexpr int kDpRowsPerWarp = 2;  // rows a warp takes in turn: a CTA covers 16 rows
@@ -122,13 +124,29 @@ __device__ __forceinline__ void dp4a_row(const DpParams& p, const uint32_t* sx, 
   }
 }
 
+// GGFUSE_MV_L2_PREFETCH=1 (experiment): lane j of the warp pulls the 16-byte granules inside the
+// warp's row j into L2 with one bulk prefetch, after the lanes' first unit loads and before the PDL
+// wait, so that the whole layer is requested while the norm kernel runs instead of one unit per lane.
+__device__ __forceinline__ void prefetch_warp_rows(const DpParams& p, int local0, int lane) {
+  if (lane >= kDpRowsPerWarp) return;
+  const int grow = dp4a_row_index(p, local0 + lane, kDpCtaRows);
+  if (grow >= p.total_rows) return;
+  const DpSeg& sd = p.seg[segment_of(p, grow)];
+  const int64_t start = sd.byte_offset + static_cast<int64_t>(grow - sd.row_start) * sd.row_bytes;
+  const int64_t begin = (start + 15) & ~int64_t{15}, end = (start + sd.row_bytes) & ~int64_t{15};
+  if (end > begin) prefetch_l2_bulk(p.weight + begin, static_cast<uint32_t>(end - begin));
+}
+
 template <int kCols>
 __global__ void __launch_bounds__(kDpThreads) mat_vec_dp4a_kernel(const DpParams p) {
   extern __shared__ uint32_t sx[];
   allow_dependent_launch();
   const int lane = threadIdx.x & 31;
-  auto stage = [&] { dp4a::stage_x(p.x, kCols * p.x_blocks, sx); };
   const int local0 = (threadIdx.x >> 5) * kDpRowsPerWarp;
+  auto stage = [&] {
+    if (p.l2_prefetch) prefetch_warp_rows(p, local0, lane);
+    dp4a::stage_x(p.x, kCols * p.x_blocks, sx);
+  };
   const int row0 = dp4a_row_index(p, local0, kDpCtaRows);
   if (row0 >= p.total_rows) {  // no row here: only take part in the CTA's copy of x
     stage();
@@ -346,6 +364,8 @@ cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, int64_t weight_bytes, const
   bool mixed = false;
   for (int s = 1; s < table.count; ++s) mixed = mixed || table.seg[s].type != table.seg[0].type;
   p.interleave = interleave >= 2 || (interleave == 1 && mixed) ? 1 : 0;
+  static const bool l2_prefetch = env_int("GGFUSE_MV_L2_PREFETCH", 0) != 0;
+  p.l2_prefetch = l2_prefetch ? 1 : 0;
   switch (batch) {
     case 1: return launch_dp4a<1>(p, staged, stream);
     case 2: return launch_dp4a<2>(p, staged, stream);
