@@ -228,33 +228,6 @@ __device__ __forceinline__ void dot_k(int x_blocks, const uint32_t* sx, const Un
   }
 }
 
-#ifdef GGFUSE_EXP_Q4K_HALF_UNITS
-// EXPERIMENT (compiled in with -DGGFUSE_EXP_Q4K_HALF_UNITS; exact results, so the tests can run on
-// it): a Q4_K unit of half a super-block (two sub-block pairs: the header and 64 quant bytes, five
-// 16-byte loads per lane and unit instead of three), to measure whether the bytes a lane has in
-// flight set the B=1 streaming rate on the H200 (docs/PERFORMANCE.md, What limits: Q4_0's
-// five-load units stream at 0.83 of the bandwidth there, Q4_K's three-load units at 0.75).
-struct UnitK2 {
-  UnitK<false> a, b;  // sub-block pairs 2h and 2h + 1 of super-block sb (the header in a only)
-};
-template <class Ld>
-__device__ __forceinline__ void load_k2(const uint8_t* row, int unit, UnitK2& u) {
-  const uint8_t* b = row + (unit >> 1) * 144;
-  const uint8_t* q = b + 16 + 64 * (unit & 1);
-  u.a.hdr = Ld::ld16(b);
-  u.a.q0 = Ld::ld16(q);
-  u.a.q1 = Ld::ld16(q + 16);
-  u.b.q0 = Ld::ld16(q + 32);
-  u.b.q1 = Ld::ld16(q + 48);
-}
-template <int kCols>
-__device__ __forceinline__ void dot_k2(int x_blocks, const uint32_t* sx, UnitK2 u, int unit, float (&acc)[kCols]) {
-  u.b.hdr = u.a.hdr;
-  dot_k<kCols, false>(x_blocks, sx, u.a, 2 * unit, acc);
-  dot_k<kCols, false>(x_blocks, sx, u.b, 2 * unit + 1, acc);
-}
-#endif
-
 // Q6_K unit (super-block sb, half h, u = 0/1): ql bytes [64h + 32u, +32) (low nibbles: sub-block
 // 4h + u, high nibbles: 4h + 2 + u), qh bytes [128 + 32h, +32), the four int8 scales and d.
 struct UnitQ6 {
@@ -431,8 +404,13 @@ __device__ __forceinline__ void run_row(int n_units, int lane, Load load, Dot do
                                         bool first, First first_fn) {
   Unit cur;
   int u = lane;
+#ifdef GGFUSE_EXP_LATE_LOADS  // EXPERIMENT: no weight load before the PDL wait
+  if (first) first_fn();
+  if (u < n_units) load(u, cur);
+#else
   if (u < n_units) load(u, cur);
   if (first) first_fn();
+#endif
   while (u < n_units) {
     Unit next;
     const int un = u + 32;
@@ -450,25 +428,11 @@ template <int kCols, int32_t kType, class Ld, typename First>
 __device__ __forceinline__ void row_dot_typed(const uint8_t* row, int x_blocks, const uint32_t* sx, int lane,
                                               float (&acc)[kCols], bool first, First first_fn, bool wide) {
   const int nb = x_blocks;
-#ifdef GGFUSE_EXP_Q4_0_WIDE_B2
-  // EXPERIMENT (-DGGFUSE_EXP_Q4_0_WIDE_B2): the 16-byte-load units at B = 2 too, re-measured with
-  // the L1-allocating loads of v17 (v15 measured them slower than staging at B = 2 before those).
-  constexpr int kWideCols = 2;
-#else
-  constexpr int kWideCols = 1;
-#endif
-  if (kType == kQ4_0 && kCols <= kWideCols && wide) {  // B = 1 only (wide_units_ok)
+  if (kType == kQ4_0 && kCols == 1 && wide) {  // B = 1 only (wide_units_ok)
     run_row<kCols, UnitQ4_0x4>(
         nb / 4, lane, [&](int un, UnitQ4_0x4& w) { load_q4_0x4<Ld>(row, un, w); },
         [&](const UnitQ4_0x4& w, int un, float (&a)[kCols]) { dot_q4_0x4<kCols>(nb, sx, w, un, a); }, acc, first,
         first_fn);
-#ifdef GGFUSE_EXP_Q4K_HALF_UNITS
-  } else if constexpr (kType == kQ4_K && kCols == 1) {  // B = 1 only: at B = 2 it takes 94 registers
-    run_row<kCols, UnitK2>(
-        nb / 4, lane, [&](int un, UnitK2& w) { load_k2<Ld>(row, un, w); },
-        [&](const UnitK2& w, int un, float (&a)[kCols]) { dot_k2<kCols>(nb, sx, w, un, a); }, acc, first,
-        first_fn);
-#endif
   } else if constexpr (kType == kQ4_K || kType == kQ5_K) {
     constexpr bool kQ5 = kType == kQ5_K;
     run_row<kCols, UnitK<kQ5>>(
@@ -494,6 +458,78 @@ __device__ __forceinline__ void row_dot_typed(const uint8_t* row, int x_blocks, 
   }
 }
 
+#ifdef GGFUSE_EXP_ROW_PAIRS
+// EXPERIMENT (-DGGFUSE_EXP_ROW_PAIRS): a warp's two rows of one type as one sequence of units
+// (row A's, then row B's), so that the lane's first unit of row B is loaded while it computes its
+// last unit of row A instead of after row A's reduction. Same per-row order of the units: the same
+// bits as two row_dot calls.
+template <int kCols, typename Unit, typename Load, typename Dot, typename First>
+__device__ __forceinline__ void run_row_pair(int n_units, int lane, Load load, Dot dot, float (&acc0)[kCols],
+                                             float (&acc1)[kCols], bool first, First first_fn) {
+  const int total = 2 * n_units;
+  Unit cur;
+  int u = lane;
+  if (u < total) load(u >= n_units, u >= n_units ? u - n_units : u, cur);
+  if (first) first_fn();
+  while (u < total) {
+    Unit next;
+    const int un = u + 32;
+    if (un < total) load(un >= n_units, un >= n_units ? un - n_units : un, next);
+    if (u < n_units) {
+      dot(cur, u, acc0);
+    } else {
+      dot(cur, u - n_units, acc1);
+    }
+    cur = next;
+    u = un;
+  }
+}
+
+// Whether row_pair_dot handles this type (the types read in 16-byte units).
+__device__ __forceinline__ bool pair_ok(int32_t type, bool wide, int cols) {
+  return type == kQ4_K || type == kQ5_K || (type == kQ4_0 && wide && cols == 1);
+}
+
+template <int kCols, int32_t kType, class Ld, typename First>
+__device__ __forceinline__ void row_pair_dot_typed(const uint8_t* row_a, const uint8_t* row_b, int x_blocks,
+                                                   const uint32_t* sx, int lane, float (&acc0)[kCols],
+                                                   float (&acc1)[kCols], bool first, First first_fn) {
+  const int nb = x_blocks;
+  if constexpr (kType == kQ4_0) {
+    if constexpr (kCols == 1) {
+      run_row_pair<kCols, UnitQ4_0x4>(
+          nb / 4, lane, [&](bool b, int un, UnitQ4_0x4& w) { load_q4_0x4<Ld>(b ? row_b : row_a, un, w); },
+          [&](const UnitQ4_0x4& w, int un, float (&a)[kCols]) { dot_q4_0x4<kCols>(nb, sx, w, un, a); }, acc0,
+          acc1, first, first_fn);
+    }
+  } else {
+    constexpr bool kQ5 = kType == kQ5_K;
+    run_row_pair<kCols, UnitK<kQ5>>(
+        nb / 2, lane, [&](bool b, int un, UnitK<kQ5>& w) { load_k<Ld, kQ5>(b ? row_b : row_a, un, w); },
+        [&](const UnitK<kQ5>& w, int un, float (&a)[kCols]) { dot_k<kCols, kQ5>(nb, sx, w, un, a); }, acc0, acc1,
+        first, first_fn);
+  }
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      acc0[c] += __shfl_xor_sync(0xffffffffu, acc0[c], o);
+      acc1[c] += __shfl_xor_sync(0xffffffffu, acc1[c], o);
+    }
+  }
+}
+template <int kCols, class Ld, typename First>
+__device__ __forceinline__ void row_pair_dot(int32_t type, const uint8_t* row_a, const uint8_t* row_b, int x_blocks,
+                                             const uint32_t* sx, int lane, float (&acc0)[kCols],
+                                             float (&acc1)[kCols], bool first, First first_fn) {
+  switch (type) {
+    case kQ4_K: return row_pair_dot_typed<kCols, kQ4_K, Ld>(row_a, row_b, x_blocks, sx, lane, acc0, acc1, first, first_fn);
+    case kQ5_K: return row_pair_dot_typed<kCols, kQ5_K, Ld>(row_a, row_b, x_blocks, sx, lane, acc0, acc1, first, first_fn);
+    default: return row_pair_dot_typed<kCols, kQ4_0, Ld>(row_a, row_b, x_blocks, sx, lane, acc0, acc1, first, first_fn);
+  }
+}
+#endif
+
 // The same for a run-time type (one of the six mat-vec types).
 template <int kCols, class Ld, typename First>
 __device__ __forceinline__ void row_dot(int32_t type, const uint8_t* row, int x_blocks, const uint32_t* sx,
@@ -517,12 +553,7 @@ __device__ __forceinline__ void row_dot(int32_t type, const uint8_t* row, int x_
 // knob, read once).
 inline bool wide_units_ok(int32_t type, int64_t k, int64_t byte_offset, int64_t batch) {
   static const bool on = env_int("GGFUSE_MV_WIDE", 1) != 0;
-#ifdef GGFUSE_EXP_Q4_0_WIDE_B2
-  constexpr int64_t kWideBatch = 2;
-#else
-  constexpr int64_t kWideBatch = 1;
-#endif
-  return on && batch <= kWideBatch && type == kQ4_0 && k % 256 == 0 && byte_offset % 16 == 0;
+  return on && batch == 1 && type == kQ4_0 && k % 256 == 0 && byte_offset % 16 == 0;
 }
 
 }  // namespace dp4a

@@ -79,11 +79,13 @@ struct DpParams {
   int32_t slot_bytes;     // staged kernel: bytes per row slot (a multiple of 16)
   int32_t x_words;        // staged kernel: words of the x copy (a multiple of 4; the slots follow)
   int32_t interleave;     // 1: CTA c takes rows c, c + grid, c + 2 grid, ... (dp4a_row_index)
-  int32_t l2_prefetch;    // register kernel: 1: each warp bulk-prefetches its rows into L2 before
-                          // the PDL wait (GGFUSE_MV_L2_PREFETCH=1, an experiment knob)
 };
 
+#ifdef GGFUSE_EXP_ROWS_PER_WARP  // EXPERIMENT: 1 (a CTA per 8 rows)
+constexpr int kDpRowsPerWarp = GGFUSE_EXP_ROWS_PER_WARP;
+#else
 constexpr int kDpRowsPerWarp = 2;  // rows a warp takes in turn: a CTA covers 16 rows
+#endif
 constexpr int kDpCtaRows = kDpWarps * kDpRowsPerWarp;
 constexpr int kDpMinCtasPerSm = 3;  // the occupancy the register path reaches (72-80 registers)
 
@@ -124,34 +126,42 @@ __device__ __forceinline__ void dp4a_row(const DpParams& p, const uint32_t* sx, 
   }
 }
 
-// GGFUSE_MV_L2_PREFETCH=1 (experiment): lane j of the warp pulls the 16-byte granules inside the
-// warp's row j into L2 with one bulk prefetch, after the lanes' first unit loads and before the PDL
-// wait, so that the whole layer is requested while the norm kernel runs instead of one unit per lane.
-__device__ __forceinline__ void prefetch_warp_rows(const DpParams& p, int local0, int lane) {
-  if (lane >= kDpRowsPerWarp) return;
-  const int grow = dp4a_row_index(p, local0 + lane, kDpCtaRows);
-  if (grow >= p.total_rows) return;
-  const DpSeg& sd = p.seg[segment_of(p, grow)];
-  const int64_t start = sd.byte_offset + static_cast<int64_t>(grow - sd.row_start) * sd.row_bytes;
-  const int64_t begin = (start + 15) & ~int64_t{15}, end = (start + sd.row_bytes) & ~int64_t{15};
-  if (end > begin) prefetch_l2_bulk(p.weight + begin, static_cast<uint32_t>(end - begin));
-}
-
 template <int kCols>
 __global__ void __launch_bounds__(kDpThreads) mat_vec_dp4a_kernel(const DpParams p) {
   extern __shared__ uint32_t sx[];
   allow_dependent_launch();
   const int lane = threadIdx.x & 31;
+  auto stage = [&] { dp4a::stage_x(p.x, kCols * p.x_blocks, sx); };
   const int local0 = (threadIdx.x >> 5) * kDpRowsPerWarp;
-  auto stage = [&] {
-    if (p.l2_prefetch) prefetch_warp_rows(p, local0, lane);
-    dp4a::stage_x(p.x, kCols * p.x_blocks, sx);
-  };
   const int row0 = dp4a_row_index(p, local0, kDpCtaRows);
   if (row0 >= p.total_rows) {  // no row here: only take part in the CTA's copy of x
     stage();
     return;
   }
+#ifdef GGFUSE_EXP_ROW_PAIRS
+  {
+    const int row1 = dp4a_row_index(p, local0 + 1, kDpCtaRows);
+    const DpSeg& sa = p.seg[segment_of(p, row0)];
+    if (row1 < p.total_rows && row1 - sa.row_start < sa.rows && row1 >= sa.row_start &&
+        dp4a::pair_ok(sa.type, sa.wide != 0, kCols)) {
+      const int ra = row0 - sa.row_start, rb = row1 - sa.row_start;
+      float acc0[kCols], acc1[kCols];
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) acc0[c] = acc1[c] = 0.0f;
+      dp4a::row_pair_dot<kCols, dp4a::GlobalLd>(sa.type, p.weight + sa.byte_offset + ra * sa.row_bytes,
+                                                p.weight + sa.byte_offset + rb * sa.row_bytes, p.x_blocks, sx,
+                                                lane, acc0, acc1, true, stage);
+      if (lane == 0) {
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) {
+          p.out[static_cast<int64_t>(c) * p.n_out + sa.col_begin + ra] = acc0[c];
+          p.out[static_cast<int64_t>(c) * p.n_out + sa.col_begin + rb] = acc1[c];
+        }
+      }
+      return;
+    }
+  }
+#endif
   dp4a_row<kCols, true>(p, sx, row0, lane, stage);
 #pragma unroll 1
   for (int j = 1; j < kDpRowsPerWarp; ++j) {
@@ -364,8 +374,6 @@ cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, int64_t weight_bytes, const
   bool mixed = false;
   for (int s = 1; s < table.count; ++s) mixed = mixed || table.seg[s].type != table.seg[0].type;
   p.interleave = interleave >= 2 || (interleave == 1 && mixed) ? 1 : 0;
-  static const bool l2_prefetch = env_int("GGFUSE_MV_L2_PREFETCH", 0) != 0;
-  p.l2_prefetch = l2_prefetch ? 1 : 0;
   switch (batch) {
     case 1: return launch_dp4a<1>(p, staged, stream);
     case 2: return launch_dp4a<2>(p, staged, stream);

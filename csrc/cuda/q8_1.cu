@@ -7,8 +7,6 @@
 // Every float step that nvcc would contract into an FMA or approximate is spelled with an explicit
 // IEEE intrinsic (__fmul_rn, __fadd_rn, __fdiv_rn, __fsqrt_rn), matching the CPU build, which compiles
 // with -ffp-contract=off.
-#include <algorithm>
-
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -34,18 +32,6 @@ __global__ void __launch_bounds__(kQuantThreads)
   quantize_block(v, out + blk * static_cast<int64_t>(sizeof(BlockQ8_1)));
 }
 
-// GGFUSE_NORM_MV_PREFETCH (experiment): the first `bytes` of the next mat-vec's weights (16-byte
-// aligned) pulled into L2, in 4 KB bulk prefetches spread over every thread of the grid. Weights are
-// written by no kernel, so this may run before the PDL wait.
-__device__ __forceinline__ void prefetch_next_weight(const uint8_t* base, int64_t bytes) {
-  constexpr int64_t kChunk = 4096;
-  const int64_t threads = static_cast<int64_t>(gridDim.x) * gridDim.y * blockDim.x;
-  const int64_t t = (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
-  for (int64_t off = t * kChunk; off < bytes; off += threads * kChunk) {
-    prefetch_l2_bulk(base + off, static_cast<uint32_t>(bytes - off < kChunk ? bytes - off : kChunk));
-  }
-}
-
 // kSubs thread blocks of 256 threads per row (gridDim.y), block (row, sub) quantizing the row's
 // rounds r with r % kSubs == sub (norm.cuh has the arithmetic and the order of the sums, shared with
 // the norm that mat-vec CTAs run for themselves, so both write the same bytes). A block whose `sub`
@@ -53,11 +39,9 @@ __device__ __forceinline__ void prefetch_next_weight(const uint8_t* base, int64_
 template <int kSubs, bool kVec, typename T, typename W>
 __global__ void __launch_bounds__(kNormThreads)
     rms_norm_q8_1_kernel(const T* __restrict__ x, const W* __restrict__ w, int64_t k, float eps, bool prefetch_w,
-                         uint8_t* __restrict__ out, T* __restrict__ y, const uint8_t* next_weight,
-                         int64_t next_bytes) {
+                         uint8_t* __restrict__ out, T* __restrict__ y) {
   __shared__ float warp_sums[kNormWarps];
   allow_dependent_launch();  // see common.cuh: the dependent touches only weights before its wait
-  if (next_bytes > 0) prefetch_next_weight(next_weight, next_bytes);
   const int sub = kSubs == 1 ? 0 : static_cast<int>(blockIdx.y);
   if (kSubs > 1 && static_cast<int64_t>(sub) * kNormThreads * 4 >= k) return;  // no round of its own
   if (prefetch_w) prefetch_norm_weight(w, k, threadIdx.x, sub, kSubs);  // the rounds it quantizes
@@ -96,10 +80,10 @@ inline int norm_subs(int64_t rows, int64_t k) {
 
 template <int kSubs, bool kVec, typename T, typename W>
 cudaError_t launch_norm_subs(const void* x, const void* w, int64_t rows, int64_t k, float eps, uint8_t* out,
-                             void* y, cudaStream_t stream, const uint8_t* nw, int64_t nb) {
+                             void* y, cudaStream_t stream) {
   return launch_kernel(rms_norm_q8_1_kernel<kSubs, kVec, T, W>, dim3(static_cast<unsigned>(rows), kSubs),
                        dim3(kNormThreads), 0, stream, static_cast<const T*>(x), static_cast<const W*>(w), k, eps,
-                       norm_prefetch_enabled(), out, static_cast<T*>(y), nw, nb);
+                       norm_prefetch_enabled(), out, static_cast<T*>(y));
 }
 
 // Vector loads (kVec) need x and w on 16-byte boundaries, as torch allocates them; a tensor that is
@@ -108,25 +92,23 @@ cudaError_t launch_norm_subs(const void* x, const void* w, int64_t rows, int64_t
 // load).
 template <typename T, typename W>
 cudaError_t launch_norm(const void* x, const void* w, int64_t rows, int64_t k, float eps,
-                        uint8_t* out, void* y, cudaStream_t stream, const uint8_t* nw, int64_t nb) {
-  if (!aligned16(x) || !aligned16(w)) {
-    return launch_norm_subs<1, false, T, W>(x, w, rows, k, eps, out, y, stream, nw, nb);
-  }
+                        uint8_t* out, void* y, cudaStream_t stream) {
+  if (!aligned16(x) || !aligned16(w)) return launch_norm_subs<1, false, T, W>(x, w, rows, k, eps, out, y, stream);
   switch (norm_subs(rows, k)) {
-    case 1: return launch_norm_subs<1, true, T, W>(x, w, rows, k, eps, out, y, stream, nw, nb);
-    case 2: return launch_norm_subs<2, true, T, W>(x, w, rows, k, eps, out, y, stream, nw, nb);
-    case 4: return launch_norm_subs<4, true, T, W>(x, w, rows, k, eps, out, y, stream, nw, nb);
-    default: return launch_norm_subs<8, true, T, W>(x, w, rows, k, eps, out, y, stream, nw, nb);
+    case 1: return launch_norm_subs<1, true, T, W>(x, w, rows, k, eps, out, y, stream);
+    case 2: return launch_norm_subs<2, true, T, W>(x, w, rows, k, eps, out, y, stream);
+    case 4: return launch_norm_subs<4, true, T, W>(x, w, rows, k, eps, out, y, stream);
+    default: return launch_norm_subs<8, true, T, W>(x, w, rows, k, eps, out, y, stream);
   }
 }
 
 template <typename T>
 cudaError_t launch_norm_w(const void* x, const void* w, FloatType w_type, int64_t rows, int64_t k,
-                          float eps, uint8_t* out, void* y, cudaStream_t stream, const uint8_t* nw, int64_t nb) {
+                          float eps, uint8_t* out, void* y, cudaStream_t stream) {
   switch (w_type) {
-    case FloatType::kF32: return launch_norm<T, float>(x, w, rows, k, eps, out, y, stream, nw, nb);
-    case FloatType::kF16: return launch_norm<T, Half>(x, w, rows, k, eps, out, y, stream, nw, nb);
-    case FloatType::kBF16: return launch_norm<T, Bf16>(x, w, rows, k, eps, out, y, stream, nw, nb);
+    case FloatType::kF32: return launch_norm<T, float>(x, w, rows, k, eps, out, y, stream);
+    case FloatType::kF16: return launch_norm<T, Half>(x, w, rows, k, eps, out, y, stream);
+    case FloatType::kBF16: return launch_norm<T, Bf16>(x, w, rows, k, eps, out, y, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -154,23 +136,12 @@ cudaError_t quantize_q8_1(const void* x, FloatType x_type, int64_t rows, int64_t
 
 cudaError_t rms_norm_mul_q8_1(const void* x, FloatType x_type, const void* w, FloatType w_type,
                               int64_t rows, int64_t k, float eps, uint8_t* out, void* y_out,
-                              cudaStream_t stream, const uint8_t* next_weight, int64_t next_bytes) {
+                              cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  // GGFUSE_NORM_MV_PREFETCH=KB (experiment, read once): prefetch up to KB kilobytes of next_weight.
-  static const int prefetch_kb = env_int("GGFUSE_NORM_MV_PREFETCH", 0);
-  const uint8_t* nw = nullptr;
-  int64_t nb = 0;
-  if (prefetch_kb > 0 && next_weight != nullptr && next_bytes > 0) {
-    const uintptr_t a = reinterpret_cast<uintptr_t>(next_weight);
-    const uintptr_t begin = (a + 15) & ~uintptr_t{15};
-    const uintptr_t end = (a + static_cast<uintptr_t>(next_bytes)) & ~uintptr_t{15};
-    nw = reinterpret_cast<const uint8_t*>(begin);
-    nb = end > begin ? std::min<int64_t>(static_cast<int64_t>(end - begin), int64_t{1024} * prefetch_kb) : 0;
-  }
   switch (x_type) {
-    case FloatType::kF32: return launch_norm_w<float>(x, w, w_type, rows, k, eps, out, y_out, stream, nw, nb);
-    case FloatType::kF16: return launch_norm_w<Half>(x, w, w_type, rows, k, eps, out, y_out, stream, nw, nb);
-    case FloatType::kBF16: return launch_norm_w<Bf16>(x, w, w_type, rows, k, eps, out, y_out, stream, nw, nb);
+    case FloatType::kF32: return launch_norm_w<float>(x, w, w_type, rows, k, eps, out, y_out, stream);
+    case FloatType::kF16: return launch_norm_w<Half>(x, w, w_type, rows, k, eps, out, y_out, stream);
+    case FloatType::kBF16: return launch_norm_w<Bf16>(x, w, w_type, rows, k, eps, out, y_out, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -15,12 +15,9 @@ namespace cuda {
 cudaError_t quantize_q8_1(const void* x, FloatType x_type, int64_t rows, int64_t k, uint8_t* out,
                           cudaStream_t stream);
 
-// next_weight / next_bytes (experiment, GGFUSE_NORM_MV_PREFETCH=KB): the weight buffer of the mat-vec
-// that follows, whose first KB kilobytes the kernel's CTAs pull into L2 before their PDL wait.
 cudaError_t rms_norm_mul_q8_1(const void* x, FloatType x_type, const void* w, FloatType w_type,
                               int64_t rows, int64_t k, float eps, uint8_t* out, void* y_out,
-                              cudaStream_t stream, const uint8_t* next_weight = nullptr,
-                              int64_t next_bytes = 0);
+                              cudaStream_t stream);
 
 cudaError_t dequantize(int32_t type, const uint8_t* src, int64_t rows, int64_t k, float* dst,
                        cudaStream_t stream);

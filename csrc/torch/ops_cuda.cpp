@@ -144,8 +144,7 @@ at::Tensor rms_norm_mat_vec_q8_1_cuda(const at::Tensor& x, const at::Tensor& nor
       }
       C10_CUDA_CHECK(cuda::rms_norm_mul_q8_1(x.const_data_ptr(), xt, norm_weight.const_data_ptr(), wt,
                                              layout.batch, layout.k, static_cast<float>(eps),
-                                             x_q8.mutable_data_ptr<uint8_t>(), nullptr, stream,
-                                             layout.batch <= 8 ? wp : nullptr, weight.numel()));
+                                             x_q8.mutable_data_ptr<uint8_t>(), nullptr, stream));
       have_q8 = true;
     }
     C10_CUDA_CHECK(cuda::mat_vec_q8_1(wp, weight.numel(), table, layout.k, x_q8.const_data_ptr<uint8_t>(),
