@@ -266,6 +266,50 @@ def test_mat_vec_q4_0_small_batches(poison_outputs, batch, k):
     check_mat_vec_cuda(specs, k, batch)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("k", [256, 1280, 14336])
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q4_0], ids=["q4_k", "q4_0"])
+def test_mat_vec_row_pairs(poison_outputs, qtype, k, batch):
+    # The dp4a kernel runs a warp's two rows as one sequence of units (Q4_K at B <= 2, Q4_0 at B = 1):
+    # K = 256 puts all of row B's units on lanes that have none of row A's, K = 1280 (20 or 10 units a
+    # row) a lane's units on both rows, K = 14336 several units of each row per lane. Segments of odd
+    # sizes give warps whose rows lie in two segments (run one after the other) and a last warp with
+    # one row.
+    check_mat_vec_cuda([(qtype, 33), (qtype, 18), (qtype, 7)], k, batch)
+
+
+def test_mat_vec_row_pairs_interleaved(poison_outputs):
+    # Types that differ: the CTAs take interleaved rows, so a warp's two rows are far apart, in one
+    # segment or in two of different types
+    check_mat_vec_cuda([(T.Q4_K, 300), (T.Q4_0, 45), (T.Q4_K, 21)], 4096, 1)
+
+
+PAIRS_SCRIPT = """
+import sys, torch, ggfuse
+d = torch.load(sys.argv[1])
+out = ggfuse.mat_vec_q8_1(d["xq"].cuda(), d["w"].cuda(), d["qtypes"], d["rows"], d["offsets"])
+torch.save(out.cpu(), sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("qtype,batch", [(T.Q4_K, 1), (T.Q4_K, 2), (T.Q4_0, 1)], ids=["q4_k-1", "q4_k-2", "q4_0-1"])
+def test_mat_vec_row_pairs_same_bits_as_rows_in_turn(tmp_path, qtype, batch):
+    # GGFUSE_MV_ROW_PAIRS=0 (read once per process: a second process) runs a warp's rows one after the
+    # other; both orders put each row's units through the same lanes in the same order
+    import subprocess
+    import sys
+    _, buf, qtypes, rows, offsets = make_fused([(qtype, 301), (qtype, 64)], 4096)
+    xq = ggfuse.quantize_q8_1(randn(batch, 4096))
+    torch.save({"xq": xq, "w": buf, "qtypes": qtypes, "rows": rows, "offsets": offsets}, tmp_path / "in.pt")
+    env = dict(os.environ, GGFUSE_MV_ROW_PAIRS="0")
+    subprocess.run([sys.executable, "-c", PAIRS_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                   env=env, check=True, timeout=120)
+    in_turn = torch.load(tmp_path / "out.pt")
+    paired = ggfuse.mat_vec_q8_1(xq.to(DEV), buf.to(DEV), qtypes, rows, offsets).cpu()
+    assert torch.equal(paired, in_turn)
+    assert rel_err(paired.double().numpy(), ggfuse.mat_vec_q8_1(xq, buf, qtypes, rows, offsets).double().numpy()) < CUDA_CPU_TOL
+
+
 @pytest.mark.parametrize("rows", [1, 15, 16, 17, 300])
 def test_mat_vec_row_counts(poison_outputs, rows):
     check_mat_vec_cuda([(T.Q4_K, rows)], 4096, 1)

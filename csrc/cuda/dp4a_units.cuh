@@ -404,13 +404,8 @@ __device__ __forceinline__ void run_row(int n_units, int lane, Load load, Dot do
                                         bool first, First first_fn) {
   Unit cur;
   int u = lane;
-#ifdef GGFUSE_EXP_LATE_LOADS  // EXPERIMENT: no weight load before the PDL wait
-  if (first) first_fn();
-  if (u < n_units) load(u, cur);
-#else
   if (u < n_units) load(u, cur);
   if (first) first_fn();
-#endif
   while (u < n_units) {
     Unit next;
     const int un = u + 32;
@@ -458,11 +453,12 @@ __device__ __forceinline__ void row_dot_typed(const uint8_t* row, int x_blocks, 
   }
 }
 
-#ifdef GGFUSE_EXP_ROW_PAIRS
-// EXPERIMENT (-DGGFUSE_EXP_ROW_PAIRS): a warp's two rows of one type as one sequence of units
-// (row A's, then row B's), so that the lane's first unit of row B is loaded while it computes its
-// last unit of row A instead of after row A's reduction. Same per-row order of the units: the same
-// bits as two row_dot calls.
+// A warp's two rows of one type as one sequence of units (row A's, then row B's), so that each
+// lane's first unit of row B is loaded while it computes its last unit of row A, not after row A's
+// warp reduction: a warp otherwise waits one memory round trip per row. Each row's units go through
+// the same lanes in the same order as run_row's, so each row's sum has the same bits. (v18, H200, B = 1
+// mat-vec: QKV 4096 Q4_K 5.53 -> 5.33 us, Q4_0 5.71 -> 5.16, 5120 Q4_K 11.13 -> 9.66;
+// docs/PERFORMANCE.md.)
 template <int kCols, typename Unit, typename Load, typename Dot, typename First>
 __device__ __forceinline__ void run_row_pair(int n_units, int lane, Load load, Dot dot, float (&acc0)[kCols],
                                              float (&acc1)[kCols], bool first, First first_fn) {
@@ -485,11 +481,13 @@ __device__ __forceinline__ void run_row_pair(int n_units, int lane, Load load, D
   }
 }
 
-// Whether row_pair_dot handles this type (the types read in 16-byte units).
+// Whether row_pair_dot takes rows of this type: those read in 16-byte units from global memory
+// (Q4_K, Q5_K; Q4_0 where `wide`, at B = 1).
 __device__ __forceinline__ bool pair_ok(int32_t type, bool wide, int cols) {
   return type == kQ4_K || type == kQ5_K || (type == kQ4_0 && wide && cols == 1);
 }
 
+// Rows A and B (warp-wide) of type kType, as row_dot_typed: the totals of row A in acc0, of B in acc1.
 template <int kCols, int32_t kType, class Ld, typename First>
 __device__ __forceinline__ void row_pair_dot_typed(const uint8_t* row_a, const uint8_t* row_b, int x_blocks,
                                                    const uint32_t* sx, int lane, float (&acc0)[kCols],
@@ -528,7 +526,6 @@ __device__ __forceinline__ void row_pair_dot(int32_t type, const uint8_t* row_a,
     default: return row_pair_dot_typed<kCols, kQ4_0, Ld>(row_a, row_b, x_blocks, sx, lane, acc0, acc1, first, first_fn);
   }
 }
-#endif
 
 // The same for a run-time type (one of the six mat-vec types).
 template <int kCols, class Ld, typename First>

@@ -13,7 +13,9 @@
 //     shifts for the 2-byte aligned types (Q4_0, Q5_0, Q8_0, Q6_K), never reading outside the segment
 //     (dp4a_units.cuh GlobalLd says why; those types are staged by default, see below). The next
 //     unit's weights are loaded while the current one is computed (software pipelining: two units in
-//     flight per lane).
+//     flight per lane). A warp's two rows of one type read in 16-byte units (Q4_K, Q5_K at B <= 2;
+//     Q4_0's wide units at B = 1) run as one sequence of units, so the pipelining continues from
+//     one row into the next instead of restarting after each row's reduction (dp4a_pair, v18).
 //   * the integer dot products use __dp4a on unpacked nibbles (mask 0x0F0F0F0F / shift 4; fifth and
 //     sixth bits spread in with word operations), Σq_x with dp4a against 0x01010101; the integer sums
 //     are whole-block (or whole 16-value Q6_K group) sums and go through decode.h's dot_* formulas,
@@ -79,13 +81,10 @@ struct DpParams {
   int32_t slot_bytes;     // staged kernel: bytes per row slot (a multiple of 16)
   int32_t x_words;        // staged kernel: words of the x copy (a multiple of 4; the slots follow)
   int32_t interleave;     // 1: CTA c takes rows c, c + grid, c + 2 grid, ... (dp4a_row_index)
+  int32_t row_pairs;      // 1: a warp's two rows as one sequence of units where it can (dp4a_pair)
 };
 
-#ifdef GGFUSE_EXP_ROWS_PER_WARP  // EXPERIMENT: 1 (a CTA per 8 rows)
-constexpr int kDpRowsPerWarp = GGFUSE_EXP_ROWS_PER_WARP;
-#else
 constexpr int kDpRowsPerWarp = 2;  // rows a warp takes in turn: a CTA covers 16 rows
-#endif
 constexpr int kDpCtaRows = kDpWarps * kDpRowsPerWarp;
 constexpr int kDpMinCtasPerSm = 3;  // the occupancy the register path reaches (72-80 registers)
 
@@ -126,6 +125,34 @@ __device__ __forceinline__ void dp4a_row(const DpParams& p, const uint32_t* sx, 
   }
 }
 
+// A warp's two rows as one sequence of units (dp4a::run_row_pair) where both are in one segment of
+// a type read in 16-byte units; false, having done nothing, otherwise (the caller then runs them one
+// after the other). With interleaved rows the two may be in different segments.
+template <int kCols, typename Stage>
+__device__ __forceinline__ bool dp4a_pair(const DpParams& p, const uint32_t* sx, int row0, int row1, int lane,
+                                          Stage stage) {
+  const DpSeg& sd = p.seg[segment_of(p, row0)];
+  if (row1 >= p.total_rows || row1 < sd.row_start || row1 - sd.row_start >= sd.rows ||
+      !dp4a::pair_ok(sd.type, sd.wide != 0, kCols)) {
+    return false;
+  }
+  const int ra = row0 - sd.row_start, rb = row1 - sd.row_start;
+  float acc0[kCols], acc1[kCols];
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) acc0[c] = acc1[c] = 0.0f;
+  const uint8_t* seg = p.weight + sd.byte_offset;
+  dp4a::row_pair_dot<kCols, dp4a::GlobalLd>(sd.type, seg + ra * sd.row_bytes, seg + rb * sd.row_bytes, p.x_blocks,
+                                            sx, lane, acc0, acc1, true, stage);
+  if (lane == 0) {
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      p.out[static_cast<int64_t>(c) * p.n_out + sd.col_begin + ra] = acc0[c];
+      p.out[static_cast<int64_t>(c) * p.n_out + sd.col_begin + rb] = acc1[c];
+    }
+  }
+  return true;
+}
+
 template <int kCols>
 __global__ void __launch_bounds__(kDpThreads) mat_vec_dp4a_kernel(const DpParams p) {
   extern __shared__ uint32_t sx[];
@@ -138,30 +165,9 @@ __global__ void __launch_bounds__(kDpThreads) mat_vec_dp4a_kernel(const DpParams
     stage();
     return;
   }
-#ifdef GGFUSE_EXP_ROW_PAIRS
-  {
-    const int row1 = dp4a_row_index(p, local0 + 1, kDpCtaRows);
-    const DpSeg& sa = p.seg[segment_of(p, row0)];
-    if (row1 < p.total_rows && row1 - sa.row_start < sa.rows && row1 >= sa.row_start &&
-        dp4a::pair_ok(sa.type, sa.wide != 0, kCols)) {
-      const int ra = row0 - sa.row_start, rb = row1 - sa.row_start;
-      float acc0[kCols], acc1[kCols];
-#pragma unroll
-      for (int c = 0; c < kCols; ++c) acc0[c] = acc1[c] = 0.0f;
-      dp4a::row_pair_dot<kCols, dp4a::GlobalLd>(sa.type, p.weight + sa.byte_offset + ra * sa.row_bytes,
-                                                p.weight + sa.byte_offset + rb * sa.row_bytes, p.x_blocks, sx,
-                                                lane, acc0, acc1, true, stage);
-      if (lane == 0) {
-#pragma unroll
-        for (int c = 0; c < kCols; ++c) {
-          p.out[static_cast<int64_t>(c) * p.n_out + sa.col_begin + ra] = acc0[c];
-          p.out[static_cast<int64_t>(c) * p.n_out + sa.col_begin + rb] = acc1[c];
-        }
-      }
-      return;
-    }
+  if constexpr (kCols <= 2) {  // (at B >= 3 the pair's second accumulators cost registers: 99-101 at 7-8)
+    if (p.row_pairs && dp4a_pair<kCols>(p, sx, row0, dp4a_row_index(p, local0 + 1, kDpCtaRows), lane, stage)) return;
   }
-#endif
   dp4a_row<kCols, true>(p, sx, row0, lane, stage);
 #pragma unroll 1
   for (int j = 1; j < kDpRowsPerWarp; ++j) {
@@ -374,6 +380,10 @@ cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, int64_t weight_bytes, const
   bool mixed = false;
   for (int s = 1; s < table.count; ++s) mixed = mixed || table.seg[s].type != table.seg[0].type;
   p.interleave = interleave >= 2 || (interleave == 1 && mixed) ? 1 : 0;
+  // GGFUSE_MV_ROW_PAIRS=0 (an experiment knob, read once): a warp's rows one after the other, as
+  // before v18.
+  static const bool row_pairs = env_int("GGFUSE_MV_ROW_PAIRS", 1) != 0;
+  p.row_pairs = row_pairs ? 1 : 0;
   switch (batch) {
     case 1: return launch_dp4a<1>(p, staged, stream);
     case 2: return launch_dp4a<2>(p, staged, stream);
