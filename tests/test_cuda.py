@@ -11,6 +11,8 @@ fresh random data.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -296,11 +298,10 @@ torch.save(out.cpu(), sys.argv[2])
 def test_mat_vec_row_pairs_same_bits_as_rows_in_turn(tmp_path, qtype, batch):
     # GGFUSE_MV_ROW_PAIRS=0 (read once per process: a second process) runs a warp's rows one after the
     # other; both orders put each row's units through the same lanes in the same order
-    import subprocess
-    import sys
     _, buf, qtypes, rows, offsets = make_fused([(qtype, 301), (qtype, 64)], 4096)
     xq = ggfuse.quantize_q8_1(randn(batch, 4096))
-    torch.save({"xq": xq, "w": buf, "qtypes": qtypes, "rows": rows, "offsets": offsets}, tmp_path / "in.pt")
+    torch.save({"xq": xq, "w": buf, "qtypes": [int(t) for t in qtypes], "rows": rows, "offsets": offsets},
+               tmp_path / "in.pt")
     env = dict(os.environ, GGFUSE_MV_ROW_PAIRS="0")
     subprocess.run([sys.executable, "-c", PAIRS_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
                    env=env, check=True, timeout=120)
