@@ -456,9 +456,8 @@ __device__ __forceinline__ void row_dot_typed(const uint8_t* row, int x_blocks, 
 // A warp's two rows of one type as one sequence of units (row A's, then row B's), so that each
 // lane's first unit of row B is loaded while it computes its last unit of row A, not after row A's
 // warp reduction: a warp otherwise waits one memory round trip per row. Each row's units go through
-// the same lanes in the same order as run_row's, so each row's sum has the same bits. (v18, H200, B = 1
-// mat-vec: QKV 4096 Q4_K 5.53 -> 5.33 us, Q4_0 5.71 -> 5.16, 5120 Q4_K 11.13 -> 9.66;
-// docs/PERFORMANCE.md.)
+// the same lanes in the same order as run_row's, so each row's sum has the same bits. (Where the
+// kernel uses it, and what it measured: mat_vec_dp4a.cu row_pairs_for.)
 template <int kCols, typename Unit, typename Load, typename Dot, typename First>
 __device__ __forceinline__ void run_row_pair(int n_units, int lane, Load load, Dot dot, float (&acc0)[kCols],
                                              float (&acc1)[kCols], bool first, First first_fn) {

@@ -15,7 +15,8 @@
 //     unit's weights are loaded while the current one is computed (software pipelining: two units in
 //     flight per lane). A warp's two rows of one type read in 16-byte units (Q4_K, Q5_K at B <= 2;
 //     Q4_0's wide units at B = 1) run as one sequence of units, so the pipelining continues from
-//     one row into the next instead of restarting after each row's reduction (dp4a_pair, v18).
+//     one row into the next instead of restarting after each row's reduction (dp4a_pair, v18; at
+//     B = 2, and at B = 1 for grids of up to 1.25 waves: row_pairs_for has the measurements).
 //   * the integer dot products use __dp4a on unpacked nibbles (mask 0x0F0F0F0F / shift 4; fifth and
 //     sixth bits spread in with word operations), Σq_x with dp4a against 0x01010101; the integer sums
 //     are whole-block (or whole 16-value Q6_K group) sums and go through decode.h's dot_* formulas,
@@ -81,7 +82,8 @@ struct DpParams {
   int32_t slot_bytes;     // staged kernel: bytes per row slot (a multiple of 16)
   int32_t x_words;        // staged kernel: words of the x copy (a multiple of 4; the slots follow)
   int32_t interleave;     // 1: CTA c takes rows c, c + grid, c + 2 grid, ... (dp4a_row_index)
-  int32_t row_pairs;      // 1: a warp's two rows as one sequence of units where it can (dp4a_pair)
+  int32_t row_pairs;      // 1: a warp's two rows as one sequence of units where it can (dp4a_pair;
+                          // launch_dp4a sets it: row_pairs_for)
 };
 
 constexpr int kDpRowsPerWarp = 2;  // rows a warp takes in turn: a CTA covers 16 rows
@@ -318,12 +320,32 @@ cudaError_t launch_dp4a_staged(DpParams p, cudaStream_t stream) {
   return cudaErrorNotSupported;
 }
 
+// Whether the register kernel runs a warp's rows as pairs (dp4a_pair): at B = 2 always, at B = 1 for
+// grids of up to 1.25 waves (of kDpMinCtasPerSm CTAs per SM). Measured (v18, A/B on one machine,
+// mat-vec alone, B = 1, in turn -> paired): one wave (QKV 4096) and 1.13 waves (5120) gain on the
+// H200 (Q4_K 5.53 -> 5.33, 11.13 -> 9.66 us) and mostly on the H100 (Q4_K 6.24 -> 6.47 at 4096 the
+// exception; 12.25 -> 11.26 at 5120; Q4_0 6.51 -> 6.13); at 1.6 waves (8192) and 4.5 (gate|up) pairs
+// gave nothing or lost (H100 gate|up Q4_K 24.73 -> 26.39, Q4_0 8192 17.37 -> 18.51), since a CTA's
+// bubble between rows is hidden there by the other CTAs on its SM. At B = 2 they gained at every
+// shape on the H200 (5-12%) and on the H100 but for gate|up (+1%). GGFUSE_MV_ROW_PAIRS: 0 never,
+// 2 always (experiment knob, read once).
+inline bool row_pairs_for(int kcols, int grid) {
+  static const int forced = env_int("GGFUSE_MV_ROW_PAIRS", 1);
+  if (forced != 1) return forced >= 2;
+  if (kcols == 2) return true;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  const int64_t slots = int64_t{kDpMinCtasPerSm} * device_attribute(device, cudaDevAttrMultiProcessorCount);
+  return kcols == 1 && 4 * static_cast<int64_t>(grid) <= 5 * slots;
+}
+
 template <int kCols>
-cudaError_t launch_dp4a(const DpParams& p, bool any_staged, cudaStream_t stream) {
+cudaError_t launch_dp4a(DpParams p, bool any_staged, cudaStream_t stream) {
   // Staged or not at all: where the slots do not fit, the unstaged kernel measured slower than the
   // MMA kernel for the types that ask for staging (QKV 8192 Q4_0 at B=4: 39.7 against 30.3 us).
   if (any_staged) return launch_dp4a_staged<kCols>(p, stream);
   const int grid = (p.total_rows + kDpCtaRows - 1) / kDpCtaRows;
+  p.row_pairs = row_pairs_for(kCols, grid) ? 1 : 0;
   const size_t smem = static_cast<size_t>(kCols) * p.x_blocks * (kQ8Bytes + 4);
   static int smem_set[64] = {};
   const cudaError_t err = allow_smem(mat_vec_dp4a_kernel<kCols>, smem, smem_set);
@@ -380,10 +402,6 @@ cudaError_t mat_vec_q8_1_dp4a(const uint8_t* weight, int64_t weight_bytes, const
   bool mixed = false;
   for (int s = 1; s < table.count; ++s) mixed = mixed || table.seg[s].type != table.seg[0].type;
   p.interleave = interleave >= 2 || (interleave == 1 && mixed) ? 1 : 0;
-  // GGFUSE_MV_ROW_PAIRS=0 (an experiment knob, read once): a warp's rows one after the other, as
-  // before v18.
-  static const bool row_pairs = env_int("GGFUSE_MV_ROW_PAIRS", 1) != 0;
-  p.row_pairs = row_pairs ? 1 : 0;
   switch (batch) {
     case 1: return launch_dp4a<1>(p, staged, stream);
     case 2: return launch_dp4a<2>(p, staged, stream);
