@@ -133,7 +133,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   cuda_variant_stage pytest-cuda-dp4a-staged "GGFUSE_MV_DP4A=8 GGFUSE_MV_STAGED=1" "mat_vec or graph or compile"
   # the dp4a kernel's rows one after the other (by default a warp's two rows of a 16-byte-unit type
   # run as one sequence of units at B = 2 and for grids of up to 1.25 waves at B = 1), and as pairs
-  # for every launch
+  # for every launch at B <= 2
   cuda_variant_stage pytest-cuda-dp4a-rows-in-turn GGFUSE_MV_ROW_PAIRS=0 "mat_vec or graph or compile"
   cuda_variant_stage pytest-cuda-dp4a-pairs-always GGFUSE_MV_ROW_PAIRS=2 "mat_vec or graph or compile"
   # the dp4a kernel's interleaved row order (by default for launches of mixed types) for every launch

@@ -328,7 +328,7 @@ cudaError_t launch_dp4a_staged(DpParams p, cudaStream_t stream) {
 // gave nothing or lost (H100 gate|up Q4_K 24.73 -> 26.39, Q4_0 8192 17.37 -> 18.51), since a CTA's
 // bubble between rows is hidden there by the other CTAs on its SM. At B = 2 they gained at every
 // shape on the H200 (5-12%) and on the H100 but for gate|up (+1%). GGFUSE_MV_ROW_PAIRS: 0 never,
-// 2 always (experiment knob, read once).
+// 2 at every B <= 2 launch (experiment knob, read once).
 inline bool row_pairs_for(int kcols, int grid) {
   static const int forced = env_int("GGFUSE_MV_ROW_PAIRS", 1);
   if (forced != 1) return forced >= 2;
