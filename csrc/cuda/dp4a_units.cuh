@@ -397,6 +397,17 @@ __device__ __forceinline__ void dot_q4_0x4(int x_blocks, const uint32_t* sx, con
   }
 }
 
+// The lanes' partial sums of a row summed over the warp by a fixed butterfly (every lane gets the
+// totals): the one reduction order of every dp4a row, so results are deterministic.
+template <int kCols>
+__device__ __forceinline__ void sum_over_warp(float (&acc)[kCols]) {
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], o);
+  }
+}
+
 // One row's units for this lane (lane, lane + 32, ...), the next unit loaded before the current one
 // is used. `first` runs once, after the lane's first load (the dp4a kernel's PDL wait and x copy).
 template <int kCols, typename Unit, typename Load, typename Dot, typename First>
@@ -446,11 +457,7 @@ __device__ __forceinline__ void row_dot_typed(const uint8_t* row, int x_blocks, 
         [&](const WordsU<kW>& w, int un, float (&a)[kCols]) { dot_b32<kCols, kType>(nb, sx, w, un, a); }, acc,
         first, first_fn);
   }
-#pragma unroll
-  for (int c = 0; c < kCols; ++c) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], o);
-  }
+  sum_over_warp(acc);
 }
 
 // A warp's two rows of one type as one sequence of units (row A's, then row B's), so that each
@@ -506,14 +513,8 @@ __device__ __forceinline__ void row_pair_dot_typed(const uint8_t* row_a, const u
         [&](const UnitK<kQ5>& w, int un, float (&a)[kCols]) { dot_k<kCols, kQ5>(nb, sx, w, un, a); }, acc0, acc1,
         first, first_fn);
   }
-#pragma unroll
-  for (int c = 0; c < kCols; ++c) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      acc0[c] += __shfl_xor_sync(0xffffffffu, acc0[c], o);
-      acc1[c] += __shfl_xor_sync(0xffffffffu, acc1[c], o);
-    }
-  }
+  sum_over_warp(acc0);
+  sum_over_warp(acc1);
 }
 template <int kCols, class Ld, typename First>
 __device__ __forceinline__ void row_pair_dot(int32_t type, const uint8_t* row_a, const uint8_t* row_b, int x_blocks,

@@ -108,6 +108,15 @@ __device__ __forceinline__ int segment_of(const DpParams& p, int grow) {
   return s;
 }
 
+// Row r of segment sd's totals (every lane holds them) into its output column, by lane 0.
+template <int kCols>
+__device__ __forceinline__ void store_row(const DpParams& p, const DpSeg& sd, int r, const float (&acc)[kCols],
+                                          int lane) {
+  if (lane != 0) return;
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) p.out[static_cast<int64_t>(c) * p.n_out + sd.col_begin + r] = acc[c];
+}
+
 // One row (warp-wide): kFirst also does the CTA's PDL wait and activation copy (after the row's
 // first weight loads).
 template <int kCols, bool kFirst, typename Stage>
@@ -121,10 +130,7 @@ __device__ __forceinline__ void dp4a_row(const DpParams& p, const uint32_t* sx, 
 #pragma unroll
   for (int c = 0; c < kCols; ++c) acc[c] = 0.0f;
   dp4a::row_dot<kCols, dp4a::GlobalLd>(sd.type, row, nb, sx, lane, acc, first, stage, sd.wide != 0);
-  if (lane == 0) {
-#pragma unroll
-    for (int c = 0; c < kCols; ++c) p.out[static_cast<int64_t>(c) * p.n_out + sd.col_begin + r] = acc[c];
-  }
+  store_row(p, sd, r, acc, lane);
 }
 
 // A warp's two rows as one sequence of units (dp4a::run_row_pair) where both are in one segment of
@@ -145,13 +151,8 @@ __device__ __forceinline__ bool dp4a_pair(const DpParams& p, const uint32_t* sx,
   const uint8_t* seg = p.weight + sd.byte_offset;
   dp4a::row_pair_dot<kCols, dp4a::GlobalLd>(sd.type, seg + ra * sd.row_bytes, seg + rb * sd.row_bytes, p.x_blocks,
                                             sx, lane, acc0, acc1, true, stage);
-  if (lane == 0) {
-#pragma unroll
-    for (int c = 0; c < kCols; ++c) {
-      p.out[static_cast<int64_t>(c) * p.n_out + sd.col_begin + ra] = acc0[c];
-      p.out[static_cast<int64_t>(c) * p.n_out + sd.col_begin + rb] = acc1[c];
-    }
-  }
+  store_row(p, sd, ra, acc0, lane);
+  store_row(p, sd, rb, acc1, lane);
   return true;
 }
 
