@@ -143,6 +143,10 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # direct kernel also runs B = 1 to 4.
   cuda_variant_stage pytest-cuda-mma-staged GGFUSE_MV_DIRECT=0 "mat_vec or graph or compile"
   cuda_variant_stage pytest-cuda-mma-only GGFUSE_MV_DP4A=0 "mat_vec or graph or compile"
+  # the direct kernel one 8-row batch chunk per launch above 8 rows (by default up to 8 chunks, each
+  # staged item computed against all of them), and 2 chunks per launch (several launches and rests)
+  cuda_variant_stage pytest-cuda-direct-chunks-1 GGFUSE_MV_CHUNKS=1 "mat_vec or graph or compile"
+  cuda_variant_stage pytest-cuda-direct-chunks-2 GGFUSE_MV_CHUNKS=2 "mat_vec or graph or compile"
   # the direct kernel with one slot per warp (every item refills the slot: the ring's reuse path)
   cuda_variant_stage pytest-cuda-direct-one-slot GGFUSE_MV_STAGES=1 "mat_vec or graph or compile"
   # the norm kernel with each row on one and on two blocks of 256 threads (by default up to eight for

@@ -257,6 +257,30 @@ def test_mat_vec_direct_kernel_types(poison_outputs, types, k, batch):
     check_mat_vec_cuda(specs, k, batch)
 
 
+@pytest.mark.parametrize("batch", [9, 24, 64, 65, 130])
+@pytest.mark.parametrize("types", [(T.Q4_K, T.Q4_K), (T.Q4_K, T.Q6_K), (T.Q4_0, T.Q4_0)],
+                         ids=["q4k", "q4k_q6k", "q4_0"])
+def test_mat_vec_direct_kernel_batch_chunks(poison_outputs, types, batch):
+    # Above 8 rows the direct kernel computes each staged weight item against up to 8 chunks of 8
+    # batch rows in one launch, a partial slot per (tile, K group, chunk): a last chunk of one row
+    # (B = 9; B = 65: a full launch, then one row through the dp4a kernel), 3 chunks (24), all 8 (64),
+    # two full launches and a rest of 2 (130); segments with short last tiles, one ending off a
+    # 16-byte boundary.
+    a, b = types
+    check_mat_vec_cuda([(a, 300), (b, 45), (a, 17), (b, 3)], 4096, batch)
+
+
+@pytest.mark.parametrize("batch", [17, 64])
+@pytest.mark.parametrize("types", [(T.Q4_K, T.Q4_K), (T.Q4_K, T.Q6_K)], ids=["q4k", "q4k_q6k"])
+def test_mat_vec_direct_kernel_batch_chunks_many_tiles(poison_outputs, types, batch):
+    # 30-40 tiles per CTA at K = 256 (132 SMs). Q4_K alone: 8 chunks' partial slots (~116 KB) fit
+    # next to two weight slots per warp. Q4_K + Q6_K: the Q4_K CTAs' ~38 tiles need ~155 KB for 8
+    # chunks, which do not fit next to the larger Q6_K slots, so a launch takes 4 chunks and the next
+    # launch the rest. Every output must be written once, with its full sum.
+    a, b = types
+    check_mat_vec_cuda([(a, 32000), (b, 28000)], 256, batch)
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("k", [256, 4096, 4128, 14336])
 def test_mat_vec_q4_0_small_batches(poison_outputs, batch, k):

@@ -27,7 +27,8 @@
 //   * rms_norm_mat_vec_q8_1 can also run the norm inside this kernel (every CTA quantizes x into
 //     shared memory, in the standalone norm kernel's order); with PDL the separate norm kernel
 //     measured faster, so that is behind GGFUSE_FUSED_NORM=1.
-// Batches above 8 are processed 8 rows per launch. Chunks of <= 2 rows of Q4_K-only weights go to the
+// Batches above 8 are processed 8 rows per launch, except by the direct kernel (below), which takes up
+// to 64 rows per launch: each weight item it stages is computed against every 8-row chunk. Chunks of <= 2 rows of Q4_K-only weights go to the
 // dp4a kernel instead (mat_vec_dp4a.cu), where it measured faster (as do chunks of <= 4 rows with a
 // 2-byte aligned type that the direct kernel does not take). Other chunks of weights made of Q4_K and Q6_K, or of Q4_0 alone, with K a
 // multiple of 256, run mat_vec_direct_kernel: the same work split and MMA, with fragments read at the
@@ -50,7 +51,8 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kTileRows = 16;      // the M of the MMA
 constexpr int kStepValues = 256;   // K values per item: one super-block, or 8 blocks of 32
 constexpr int kStepBlocks = kStepValues / kQK;
-constexpr int kMaxCols = 8;        // batch rows per launch (the N of the MMA)
+constexpr int kMaxCols = 8;        // batch rows per MMA (its N), and per launch of every kernel but the direct one
+constexpr int kMaxChunks = 8;      // the direct kernel's 8-row batch chunks per launch (64 batch rows)
 constexpr int kMaxPartialBytes = 64 * 1024;
 constexpr int kScratchFloats = 256;  // per warp: one item's scales as floats (16 groups x 16 rows)
 constexpr uint32_t kNibbles = 0x0F0F0F0Fu;
@@ -143,6 +145,7 @@ struct Params {
   int32_t stage_bytes;    // one stage of one warp: 16 * max row stride of the launch's types
   int32_t max_tiles;      // most tiles any CTA gets (sizes the tile table and partial slots)
   int32_t k_groups;       // warps that split K (16 / k_groups tile groups)
+  int32_t col_chunks;     // batch chunks of kMaxCols rows in this launch (1..kMaxChunks; > 1: direct kernel)
   uint32_t prefetch_cap;  // bytes of L2 prefetch per CTA (0: off)
   // Fused norm (rms_norm_mat_vec_q8_1): every CTA turns x into the Q8_1 rows itself, in shared memory.
   NormArgs norm;          // norm.x: [batch, K] to normalize here, or null: x above holds the Q8_1 rows
@@ -191,25 +194,32 @@ __device__ __forceinline__ void build_tile_table(const Params& p, int32_t tile0,
   }
 }
 
+// The partial slot (32 float4) of tile tl, K group kw, batch chunk `chunk` of nc.
+__host__ __device__ __forceinline__ size_t partial_slot(int32_t tl, int kg, int kw, int nc, int chunk) {
+  return (static_cast<size_t>(tl) * kg + kw) * nc + chunk;
+}
+
 // Sums each tile's K-group partials (float4 per lane in C-fragment order) in group order and stores
-// the tile's 16 rows x batch columns. Called after a __syncthreads that follows the last partial write.
+// the tile's 16 rows x batch columns (each batch chunk's). Called after a __syncthreads that follows
+// the last partial write.
 __device__ __forceinline__ void store_tiles(const Params& p, const TileInfo* tiles, const float* partials,
                                             int32_t n_tiles) {
-  const int kg = p.k_groups;
+  const int kg = p.k_groups, nc = p.col_chunks;
   const int groups = min(kg, p.steps);
-  for (int q = threadIdx.x; q < n_tiles * 32; q += blockDim.x) {
-    const int32_t tl = q >> 5;
+  for (int q = threadIdx.x; q < n_tiles * nc * 32; q += blockDim.x) {
+    const int32_t tc = q >> 5;  // tile * nc + chunk
+    const int32_t tl = tc / nc, chunk = tc - tl * nc;
     const int ln = q & 31;
     float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int w = 0; w < groups; ++w) {
-      const float4 v = reinterpret_cast<const float4*>(partials)[(static_cast<size_t>(tl) * kg + w) * 32 + ln];
+      const float4 v = reinterpret_cast<const float4*>(partials)[partial_slot(tl, kg, w, nc, chunk) * 32 + ln];
       sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
     }
     const TileInfo ti = tiles[tl];
     const SegDesc& sd = p.seg[ti.seg];
     const int gg = ln >> 2, tt = ln & 3;
     const int32_t ra = ti.row0 + gg, rb = ti.row0 + gg + 8;
-    const int ca = 2 * tt, cb = ca + 1;
+    const int ca = kMaxCols * chunk + 2 * tt, cb = ca + 1;
     float* o = p.out + sd.col_begin;
     if (ra < sd.rows) {
       if (ca < p.batch) o[static_cast<int64_t>(ca) * p.n_out + ra] = sum.x;
@@ -244,11 +254,11 @@ __device__ __forceinline__ WarpShare warp_share(const Params& p, int warp, int32
   return w;
 }
 
-// Partial sums of (tile tl, K group kw) in the CTA's slots: the owning warp's first step stores,
-// later steps add (one writer per slot, a fixed order: deterministic).
-__device__ __forceinline__ void add_partial(float* partials, int32_t tl, int kg, int kw, int lane, bool first,
+// Partial sums of a slot (partial_slot: tile, K group, batch chunk) in the CTA's shared memory: the
+// owning warp's first step stores, later steps add (one writer per slot, a fixed order: deterministic).
+__device__ __forceinline__ void add_partial(float* partials, size_t slot_index, int lane, bool first,
                                             const float (&r)[4]) {
-  float4* slot = reinterpret_cast<float4*>(partials) + (static_cast<size_t>(tl) * kg + kw) * 32 + lane;
+  float4* slot = reinterpret_cast<float4*>(partials) + slot_index * 32 + lane;
   float4 v = make_float4(r[0], r[1], r[2], r[3]);
   if (!first) {
     const float4 o = *slot;
@@ -692,12 +702,14 @@ __device__ __forceinline__ uint32_t tf32_round(float v) {
   return r;
 }
 
+// The activations of one step for the batch rows at xq .. xq + cols - 1 (cols <= 8: the missing
+// columns of a short chunk repeat its last row, and store_tiles drops their results).
 template <int kMask>
-__device__ __forceinline__ void load_direct_act(const Params& p, const uint8_t* xq, int step, int lane,
+__device__ __forceinline__ void load_direct_act(const Params& p, const uint8_t* xq, int cols, int step, int lane,
                                                 DirectAct& act) {
   constexpr int kBQ = sizeof(BlockQ8_1);
   const int g = lane >> 2, t = lane & 3;
-  const int last = p.batch - 1;
+  const int last = cols - 1;
   const int64_t blk0 = static_cast<int64_t>(step) * kStepBlocks * kBQ;  // K % 256 == 0 here
   const uint8_t* xg = xq + min(g, last) * p.x_row_bytes + blk0;
   const uint8_t* x0 = xq + min(2 * t, last) * p.x_row_bytes + blk0;
@@ -766,11 +778,11 @@ static_assert(sizeof(TileInfo) % 16 == 0, "the partial slots after the tile tabl
 __host__ __device__ constexpr size_t direct_partials_offset(int max_tiles) {
   return static_cast<size_t>(max_tiles) * sizeof(TileInfo);
 }
-__host__ __device__ constexpr size_t direct_dtiles_offset(int max_tiles, int k_groups) {
-  return direct_partials_offset(max_tiles) + static_cast<size_t>(max_tiles) * k_groups * 32 * 16;
+__host__ __device__ constexpr size_t direct_dtiles_offset(int max_tiles, int k_groups, int col_chunks) {
+  return direct_partials_offset(max_tiles) + static_cast<size_t>(max_tiles) * k_groups * col_chunks * 32 * 16;
 }
-__host__ __device__ constexpr size_t direct_slots_offset(int max_tiles, int k_groups) {
-  return (direct_dtiles_offset(max_tiles, k_groups) + static_cast<size_t>(max_tiles) * sizeof(DirectTile) + 15) &
+__host__ __device__ constexpr size_t direct_slots_offset(int max_tiles, int k_groups, int col_chunks) {
+  return (direct_dtiles_offset(max_tiles, k_groups, col_chunks) + static_cast<size_t>(max_tiles) * sizeof(DirectTile) + 15) &
          ~size_t{15};
 }
 constexpr int kDirectMaxSlots = 8;
@@ -1158,7 +1170,7 @@ __global__ void __launch_bounds__(kThreads, 1) mat_vec_kernel(const __grid_const
       case kQ6_K: if constexpr (kMask & 32) compute_item_typed<kQ6_K, kCols>(p, sd, ti, step, stage, scratch, act, lane, r); break;
       default: break;
     }
-    add_partial(partials, tl, kg, kw, lane, cs == 0, r);
+    add_partial(partials, partial_slot(tl, kg, kw, 1, 0), lane, cs == 0, r);
     if (++ct == n_my_tiles) { ct = 0; ++cs; }
   }
   cp_async_wait<0>();
@@ -1176,7 +1188,11 @@ constexpr int kDirectMaxRegisters = 96;
 // The direct kernel (kMask: one of the kDirect* type sets): the staged kernel's work split (CTA tile
 // ranges, K groups, partial slots, store); each warp's items go through its ring of p.stages slots of
 // p.stage_bytes, the first p.stages issued before the PDL wait, so they overlap the producer of x.
-template <int kMask>
+// kChunked: the launch has p.col_chunks > 1 batch chunks of 8 rows, and each item, once in shared
+// memory, is computed against every chunk (the activations loaded per item and chunk: too many to
+// keep in registers), with a partial slot per (tile, K group, chunk). One launch then reads and
+// stages each weight byte once for up to 64 batch rows, where a launch per 8 rows read it 8 times.
+template <int kMask, bool kChunked>
 __global__ void __maxnreg__(kDirectMaxRegisters) mat_vec_direct_kernel(const __grid_constant__ Params p) {
   extern __shared__ __align__(16) uint8_t smem[];
   allow_dependent_launch();
@@ -1189,7 +1205,7 @@ __global__ void __maxnreg__(kDirectMaxRegisters) mat_vec_direct_kernel(const __g
 
   TileInfo* tiles = reinterpret_cast<TileInfo*>(smem);
   float* partials = reinterpret_cast<float*>(smem + direct_partials_offset(p.max_tiles));
-  DirectTile* dtiles = reinterpret_cast<DirectTile*>(smem + direct_dtiles_offset(p.max_tiles, p.k_groups));
+  DirectTile* dtiles = reinterpret_cast<DirectTile*>(smem + direct_dtiles_offset(p.max_tiles, p.k_groups, p.col_chunks));
   build_tile_table(p, tile0, n_tiles, tiles);
   // Each thread reads back only the entries it wrote itself (same i stride): no barrier needed here.
   for (int i = threadIdx.x; i < n_tiles; i += blockDim.x) {
@@ -1235,23 +1251,31 @@ __global__ void __maxnreg__(kDirectMaxRegisters) mat_vec_direct_kernel(const __g
     cp_async_wait_dyn(slots - 1);  // item j's group has landed (slots - 1 newer ones may be pending)
     __syncwarp();                  // ... for every lane's copies
     const int step = kw + cs * kg;
-    if (ct == 0) load_direct_act<kMask>(p, p.x, step, lane, act);
     const uint8_t* s = ring + slot * p.stage_bytes;
-    float r[4];
-    if constexpr (kMask == kDirectQ4_0) {
-      compute_q4_0_item(s, act, lane, r);
-    } else if constexpr (kMask == kDirectQ4K) {
-      compute_q4k_item(s, act, lane, r);
-    } else {
-      const DirectTile& dt = dtiles[tw + ct * tg];
-      if (dt.type == kQ6_K) {
-        const int g = lane >> 2;
-        compute_q6k_item(s, q6k_row_offset(dt, step, g), q6k_row_offset(dt, step, g + 8), act, lane, r);
-      } else {
-        compute_q4k_item(s, act, lane, r);
+    const int tl = tw + ct * tg;
+    // One chunk of 8 batch rows at a time: the kChunked launch's p.col_chunks, or this launch's only one.
+    const int n_chunks = kChunked ? p.col_chunks : 1;
+    for (int c = 0; c < n_chunks; ++c) {
+      if (kChunked || ct == 0) {
+        const int cols = kChunked ? min(kMaxCols, p.batch - kMaxCols * c) : p.batch;
+        load_direct_act<kMask>(p, p.x + static_cast<int64_t>(kMaxCols) * c * p.x_row_bytes, cols, step, lane, act);
       }
+      float r[4];
+      if constexpr (kMask == kDirectQ4_0) {
+        compute_q4_0_item(s, act, lane, r);
+      } else if constexpr (kMask == kDirectQ4K) {
+        compute_q4k_item(s, act, lane, r);
+      } else {
+        const DirectTile& dt = dtiles[tl];
+        if (dt.type == kQ6_K) {
+          const int g = lane >> 2;
+          compute_q6k_item(s, q6k_row_offset(dt, step, g), q6k_row_offset(dt, step, g + 8), act, lane, r);
+        } else {
+          compute_q4k_item(s, act, lane, r);
+        }
+      }
+      add_partial(partials, partial_slot(tl, kg, kw, n_chunks, c), lane, cs == 0, r);
     }
-    add_partial(partials, tw + ct * tg, kg, kw, lane, cs == 0, r);
     if (++ct == n_my_tiles) { ct = 0; ++cs; }
     __syncwarp();  // every lane has read the slot before it is refilled
     if (j + slots < n_items) issue(ring + slot * p.stage_bytes);
@@ -1275,15 +1299,15 @@ int max_tiles_for(const Params& p, int grid) {
 }
 
 // K groups: the split of the 16 warps that gives the busiest warp the fewest items, within the shared
-// memory for partial sums; ties go to more K groups (fewer activation loads per warp).
-int best_k_groups(const Params& p) {
+// memory for partial sums (partial_cap bytes); ties go to more K groups (fewer activation loads per warp).
+int best_k_groups(const Params& p, size_t partial_cap = kMaxPartialBytes) {
   int best_kg = 1;
   int64_t best_items = INT64_MAX;
   for (int kg = kWarps; kg >= 1; kg /= 2) {
     const int tg = kWarps / kg;
     const int64_t items = static_cast<int64_t>((p.steps + kg - 1) / kg) * ((p.max_tiles + tg - 1) / tg);
-    const size_t partial_bytes = static_cast<size_t>(p.max_tiles) * kg * 32 * 16;
-    if (partial_bytes > kMaxPartialBytes && kg > 1) continue;
+    const size_t partial_bytes = static_cast<size_t>(p.max_tiles) * kg * p.col_chunks * 32 * 16;
+    if (partial_bytes > partial_cap && kg > 1) continue;
     if (items < best_items) { best_items = items; best_kg = kg; }
   }
   return best_kg;
@@ -1308,6 +1332,8 @@ struct Overrides {
   int staged_forced = env_int("GGFUSE_MV_STAGED", -1);  // -1: the measured rule
   bool direct = env_int("GGFUSE_MV_DIRECT", 1) != 0;
   int q6k_cost = env_int("GGFUSE_MV_Q6K_COST", -1);  // direct kernel: a Q6_K item's work in quarter Q4_K items; 0: balance by bytes; -1: q6k_cost_for
+  int chunks = std::clamp(env_int("GGFUSE_MV_CHUNKS", kMaxChunks), 1, kMaxChunks);  // direct kernel: 8-row batch chunks per launch
+  bool stream = env_int("GGFUSE_MV_STREAM", 0) > 0;  // the opt-in streaming kernel keeps every 8-row chunk it takes
 };
 const Overrides& overrides() {
   static const Overrides o;
@@ -1419,46 +1445,77 @@ void balance_direct_by_work(Params& q, int q6k_cost) {
   q.total_cost = cost;
 }
 
+// Launches one instance of the direct kernel, raising its dynamic shared memory limit first where needed.
+template <int kMask, bool kChunked>
+cudaError_t launch_direct_kernel(int device, int grid, size_t smem, cudaStream_t stream, const Params& q) {
+  auto* kernel = mat_vec_direct_kernel<kMask, kChunked>;
+  static int smem_set[64] = {};  // per device (and instance): the dynamic shared memory limit raised
+  if (smem > 48 * 1024 && (device >= 64 || smem_set[device] < static_cast<int>(smem))) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    if (device < 64) smem_set[device] = static_cast<int>(smem);
+  }
+  return launch_kernel(kernel, dim3(grid), dim3(kThreads), smem, stream, q);
+}
+
+// The direct kernel's shared-memory plan for a grid: the busiest CTA's tiles, the K groups, the
+// slots per warp (GGFUSE_MV_STAGES, default 2, at most the busiest warp's items and what fits; two
+// measured best on the H200: QKV Q4_K B = 8 with norm 12.48 us against 13.28 with all three of a
+// warp's items in flight and 21.24 with one; gate|up 30.17 against 32.04 with 4 slots). Returns the
+// dynamic shared memory; `enough` says whether the slots per warp reached min(items, 2).
+size_t plan_direct(Params& q, int grid, int smem_optin, bool* enough) {
+  const Overrides& ov = overrides();
+  const size_t per_slot = static_cast<size_t>(kWarps) * q.stage_bytes;
+  // The partial slots' share: 64 KB for one batch chunk (the measured default); with several, what
+  // two slots per warp leave of the opt-in maximum (the tables take at most a few KB).
+  const size_t partial_cap =
+      q.col_chunks == 1 ? kMaxPartialBytes
+                        : std::max<size_t>(kMaxPartialBytes, smem_optin > static_cast<int>(2 * per_slot + 8192)
+                                                                 ? smem_optin - 2 * per_slot - 8192 : 0);
+  q.max_tiles = max_tiles_for(q, grid);
+  q.k_groups = ov.k_groups > 0 ? ov.k_groups : best_k_groups(q, partial_cap);
+  const size_t fixed = direct_slots_offset(q.max_tiles, q.k_groups, q.col_chunks);
+  const int tg = kWarps / q.k_groups;
+  const int64_t items = static_cast<int64_t>((q.steps + q.k_groups - 1) / q.k_groups) * ((q.max_tiles + tg - 1) / tg);
+  const size_t room = smem_optin > static_cast<int>(fixed) ? smem_optin - fixed : 0;
+  const int cap = std::clamp(ov.stages, 1, kDirectMaxSlots);
+  q.stages = static_cast<int32_t>(std::min<int64_t>({items, cap, static_cast<int64_t>(room / per_slot)}));
+  q.act_offset = static_cast<int32_t>(fixed);  // the slots follow the tables and partial slots
+  *enough = q.stages >= std::min<int64_t>(items, 2);
+  return fixed + per_slot * std::max(q.stages, 1);
+}
+
+// Launches the direct kernel for p.batch rows (up to kMaxChunks * 8); *cols_done: the batch rows it
+// took, fewer than p.batch where the partial slots of that many chunks do not fit next to two slots
+// per warp in a grid of one CTA per SM (the chunks are then halved, not the CTAs made smaller).
 template <int kMask>
-cudaError_t launch_direct(Params& p, int device, cudaStream_t stream) {
+cudaError_t launch_direct(Params& p, int device, cudaStream_t stream, int* cols_done) {
   const Overrides& ov = overrides();
   const int sms = std::max(1, device_attribute(device, cudaDevAttrMultiProcessorCount));
   const int smem_optin = device_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
   Params q = p;
   q.stage_bytes = direct_slot_bytes(kMask);
+  q.col_chunks = static_cast<int32_t>((q.batch + kMaxCols - 1) / kMaxCols);
   const int q6k_cost = ov.q6k_cost >= 0 ? ov.q6k_cost : q6k_cost_for(q);
   if (q6k_cost > 0) balance_direct_by_work(q, q6k_cost);
   int grid = std::min({sms, q.total_tiles, kMaxGrid});
-  size_t smem = 0;
-  for (;;) {
-    q.max_tiles = max_tiles_for(q, grid);
-    q.k_groups = ov.k_groups > 0 ? ov.k_groups : best_k_groups(q);
-    const size_t fixed = direct_slots_offset(q.max_tiles, q.k_groups);
-    // Slots per warp: GGFUSE_MV_STAGES (default 2), at most the busiest warp's items and what fits.
-    // Two measured best on the H200 (QKV Q4_K B = 8 with norm: 12.48 us against 13.28 with all three
-    // of a warp's items in flight and 21.24 with one; gate|up 30.17 against 32.04 with 4 slots).
-    const int tg = kWarps / q.k_groups;
-    const int64_t items = static_cast<int64_t>((q.steps + q.k_groups - 1) / q.k_groups) * ((q.max_tiles + tg - 1) / tg);
-    const size_t per_slot = static_cast<size_t>(kWarps) * q.stage_bytes;
-    const size_t room = smem_optin > static_cast<int>(fixed) ? smem_optin - fixed : 0;
-    const int cap = std::clamp(ov.stages, 1, kDirectMaxSlots);
-    q.stages = static_cast<int32_t>(std::min<int64_t>({items, cap, static_cast<int64_t>(room / per_slot)}));
-    q.act_offset = static_cast<int32_t>(fixed);  // the slots follow the tables and partial slots
-    smem = fixed + per_slot * std::max(q.stages, 1);
-    if (q.stages >= std::min<int64_t>(items, 2) || grid >= std::min(q.total_tiles, kMaxGrid)) break;
-    grid = std::min({q.total_tiles, grid * 2, kMaxGrid});
+  bool enough = false;
+  size_t smem = plan_direct(q, grid, smem_optin, &enough);
+  while (!enough && q.col_chunks > 1) {
+    q.col_chunks = (q.col_chunks + 1) / 2;
+    q.batch = std::min(q.batch, q.col_chunks * kMaxCols);
+    smem = plan_direct(q, grid, smem_optin, &enough);
+  }
+  while (!enough && grid < std::min(q.total_tiles, kMaxGrid)) {
+    grid = std::min({q.total_tiles, grid * 2, kMaxGrid});  // more CTAs, fewer tiles (and slots) each
+    smem = plan_direct(q, grid, smem_optin, &enough);
   }
   if (q.stages < 1 || smem > static_cast<size_t>(smem_optin)) return cudaErrorInvalidConfiguration;
   for (int c = 0; c <= grid; ++c) q.cta_tile[c] = first_tile_at(q, cta_cost_bound(q, c, grid));
-  static int smem_set[64] = {};  // per device (and instance): the dynamic shared memory limit raised
-  if (smem > 48 * 1024 && (device >= 64 || smem_set[device] < static_cast<int>(smem))) {
-    const cudaError_t err = cudaFuncSetAttribute(mat_vec_direct_kernel<kMask>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-    if (device < 64) smem_set[device] = static_cast<int>(smem);
-  }
-  return launch_kernel(mat_vec_direct_kernel<kMask>, dim3(grid), dim3(kThreads), smem, stream, q);
+  *cols_done = q.batch;
+  return q.col_chunks > 1 ? launch_direct_kernel<kMask, true>(device, grid, smem, stream, q)
+                          : launch_direct_kernel<kMask, false>(device, grid, smem, stream, q);
 }
 
 // The direct kernel's type set for a launch, or 0 where it does not apply (other types, or K not a
@@ -1479,6 +1536,7 @@ int fill_params(Params& p, const uint8_t* weight, const SegmentTable& table, int
   p.x_row_bytes = k / kQK * static_cast<int64_t>(sizeof(BlockQ8_1));
   p.n_out = static_cast<int32_t>(n_out);
   p.n_seg = table.count;
+  p.col_chunks = 1;
   int max_stride = 0;
   int types = 0;  // type_bit of every segment
   int64_t cost = 0;
@@ -1506,15 +1564,20 @@ int fill_params(Params& p, const uint8_t* weight, const SegmentTable& table, int
   return types;
 }
 
+cudaError_t launch_direct_any(Params& p, int dmask, int device, cudaStream_t stream, int* cols_done) {
+  return dmask == kDirectQ4K    ? launch_direct<kDirectQ4K>(p, device, stream, cols_done)
+         : dmask == kDirectQ4_0 ? launch_direct<kDirectQ4_0>(p, device, stream, cols_done)
+                                : launch_direct<kDirectKQuants>(p, device, stream, cols_done);
+}
+
 cudaError_t launch_any(Params& p, int types, int device, cudaStream_t stream) {
   const bool one = p.batch == 1;  // a lone row takes the one-column kernel
   const int dmask = p.norm.x == nullptr && overrides().direct ? direct_mask(p, types) : 0;
   if (dmask != 0) {
     // InvalidConfiguration: not even one slot per warp fits next to the partial sums (a CTA with a
     // very large share of tiles); the staged kernel then gets its chance.
-    const cudaError_t err = dmask == kDirectQ4K    ? launch_direct<kDirectQ4K>(p, device, stream)
-                            : dmask == kDirectQ4_0 ? launch_direct<kDirectQ4_0>(p, device, stream)
-                                                   : launch_direct<kDirectKQuants>(p, device, stream);
+    int cols_done = 0;  // == p.batch (<= 8 here: one chunk)
+    const cudaError_t err = launch_direct_any(p, dmask, device, stream, &cols_done);
     if (err != cudaErrorInvalidConfiguration) return err;
   }
   if ((types & ~kMaskKQuants) == 0) {
@@ -1543,12 +1606,27 @@ cudaError_t mat_vec_q8_1(const uint8_t* weight, int64_t weight_bytes, const Segm
   Params p{};
   const int types = fill_params(p, weight, table, k, n_out);
   if (types < 0) return cudaErrorInvalidValue;
-  const bool direct = overrides().direct && direct_mask(p, types) != 0;
-  // Batch rows 8 at a time (the N of the MMA); small chunks take the dp4a kernel.
-  for (int64_t b0 = 0; b0 < batch; b0 += kMaxCols) {
+  const int dmask = overrides().direct ? direct_mask(p, types) : 0;
+  const bool direct = dmask != 0;
+  // Batch rows 8 at a time (the N of the MMA); small chunks take the dp4a kernel. Where the direct
+  // kernel applies, more than 8 remaining rows go to it up to 64 at a time (GGFUSE_MV_CHUNKS chunks
+  // of 8), each weight item computed against all of them; the 8-row loop is the fallback.
+  for (int64_t b0 = 0; b0 < batch;) {
     p.x = x_q8 + b0 * p.x_row_bytes;
     p.out = out + b0 * n_out;
+    const int64_t wide = std::min<int64_t>(static_cast<int64_t>(kMaxCols) * overrides().chunks, batch - b0);
+    if (direct && wide > kMaxCols && !overrides().stream) {
+      p.batch = static_cast<int32_t>(wide);
+      int cols_done = 0;
+      err = launch_direct_any(p, dmask, device, stream, &cols_done);
+      if (err == cudaSuccess) {
+        b0 += cols_done;
+        continue;
+      }
+      if (err != cudaErrorInvalidConfiguration) return err;
+    }
     p.batch = static_cast<int32_t>(std::min<int64_t>(kMaxCols, batch - b0));
+    b0 += p.batch;
     // NotSupported: not sm_90, GGFUSE_MV_STREAM, or x / a row does not fit in shared memory
     err = mat_vec_q8_1_stream(weight, weight_bytes, table, k, p.x, p.batch, p.out, n_out, stream);
     if (err != cudaErrorNotSupported) {
