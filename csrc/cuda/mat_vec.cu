@@ -1184,6 +1184,11 @@ __global__ void __launch_bounds__(kThreads, 1) mat_vec_kernel(const __grid_const
 // norm starts as soon as the PDL trigger allows instead of when this kernel's CTAs exit: H200, QKV
 // B = 8 with norm, 12.48-12.66 us at 95 registers, 15.34 when the compiler took 122.
 constexpr int kDirectMaxRegisters = 96;
+// The same cap for the launches of several batch chunks (an experiment knob: -DGGFUSE_DIRECT_CHUNKED_MAXREG=N).
+#ifndef GGFUSE_DIRECT_CHUNKED_MAXREG
+#define GGFUSE_DIRECT_CHUNKED_MAXREG 96
+#endif
+constexpr int kDirectChunkedMaxRegisters = GGFUSE_DIRECT_CHUNKED_MAXREG;
 
 // The direct kernel (kMask: one of the kDirect* type sets): the staged kernel's work split (CTA tile
 // ranges, K groups, partial slots, store); each warp's items go through its ring of p.stages slots of
@@ -1193,7 +1198,7 @@ constexpr int kDirectMaxRegisters = 96;
 // keep in registers), with a partial slot per (tile, K group, chunk). One launch then reads and
 // stages each weight byte once for up to 64 batch rows, where a launch per 8 rows read it 8 times.
 template <int kMask, bool kChunked>
-__global__ void __maxnreg__(kDirectMaxRegisters) mat_vec_direct_kernel(const __grid_constant__ Params p) {
+__global__ void __maxnreg__(kChunked ? kDirectChunkedMaxRegisters : kDirectMaxRegisters) mat_vec_direct_kernel(const __grid_constant__ Params p) {
   extern __shared__ __align__(16) uint8_t smem[];
   allow_dependent_launch();
 
