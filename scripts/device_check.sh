@@ -114,7 +114,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     if [ -n "${VARIANTS:-}" ] && [[ " $VARIANTS " != *" $1 "* ]]; then return 0; fi
     stage_start
     # shellcheck disable=SC2086
-    (cd /tmp && env $2 GGFUSE_REQUIRE_CUDA=1 timeout 120 python3 -m pytest "$REPO/tests/test_cuda.py" \
+    (cd /tmp && env $2 GGFUSE_REQUIRE_CUDA=1 timeout 180 python3 -m pytest "$REPO/tests/test_cuda.py" \
        -q -p no:cacheprovider -rfE -k "$3" >>"$OUT/pytest.log" 2>&1)
     local rc=$?
     grep -E "passed|failed" "$OUT/pytest.log" | tail -1 | tee -a "$SUMMARY"
@@ -143,9 +143,10 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # direct kernel also runs B = 1 to 4.
   cuda_variant_stage pytest-cuda-mma-staged GGFUSE_MV_DIRECT=0 "mat_vec or graph or compile"
   cuda_variant_stage pytest-cuda-mma-only GGFUSE_MV_DP4A=0 "mat_vec or graph or compile"
-  # the direct kernel one 8-row batch chunk per launch above 8 rows (by default up to 8 chunks, each
-  # staged item computed against all of them), and 2 chunks per launch (several launches and rests)
-  cuda_variant_stage pytest-cuda-direct-chunks-1 GGFUSE_MV_CHUNKS=1 "mat_vec or graph or compile"
+  # the direct kernel computing each staged item against several 8-row batch chunks in every launch
+  # above 8 rows (by default only where each warp has one item): 8 chunks (where their partial slots
+  # do not fit, fewer), and 2 (several launches and rests)
+  cuda_variant_stage pytest-cuda-direct-chunks-8 GGFUSE_MV_CHUNKS=8 "mat_vec or graph or compile"
   cuda_variant_stage pytest-cuda-direct-chunks-2 GGFUSE_MV_CHUNKS=2 "mat_vec or graph or compile"
   # the direct kernel with one slot per warp (every item refills the slot: the ring's reuse path)
   cuda_variant_stage pytest-cuda-direct-one-slot GGFUSE_MV_STAGES=1 "mat_vec or graph or compile"

@@ -262,7 +262,8 @@ def test_mat_vec_direct_kernel_types(poison_outputs, types, k, batch):
                          ids=["q4k", "q4k_q6k", "q4_0"])
 def test_mat_vec_direct_kernel_batch_chunks(poison_outputs, types, batch):
     # Above 8 rows the direct kernel computes each staged weight item against up to 8 chunks of 8
-    # batch rows in one launch, a partial slot per (tile, K group, chunk): a last chunk of one row
+    # batch rows in one launch, a partial slot per (tile, K group, chunk), where every warp has one
+    # item (here: 24 tiles, 16 K steps, one per warp): a last chunk of one row
     # (B = 9; B = 65: a full launch, then one row through the dp4a kernel), 3 chunks (24), all 8 (64),
     # two full launches and a rest of 2 (130); segments with short last tiles, one ending off a
     # 16-byte boundary.
@@ -273,10 +274,12 @@ def test_mat_vec_direct_kernel_batch_chunks(poison_outputs, types, batch):
 @pytest.mark.parametrize("batch", [17, 64])
 @pytest.mark.parametrize("types", [(T.Q4_K, T.Q4_K), (T.Q4_K, T.Q6_K)], ids=["q4k", "q4k_q6k"])
 def test_mat_vec_direct_kernel_batch_chunks_many_tiles(poison_outputs, types, batch):
-    # 30-40 tiles per CTA at K = 256 (132 SMs). Q4_K alone: 8 chunks' partial slots (~116 KB) fit
-    # next to two weight slots per warp. Q4_K + Q6_K: the Q4_K CTAs' ~38 tiles need ~155 KB for 8
-    # chunks, which do not fit next to the larger Q6_K slots, so a launch takes 4 chunks and the next
-    # launch the rest. Every output must be written once, with its full sum.
+    # 30-40 tiles per CTA at K = 256 (132 SMs): by default one launch per 8 rows (the warps have
+    # several items); under GGFUSE_MV_CHUNKS=8 (a device_check variant) several chunks per launch.
+    # Q4_K alone: 8 chunks' partial slots (~116 KB) fit next to two weight slots per warp. Q4_K + Q6_K:
+    # the Q4_K CTAs' ~38 tiles need ~155 KB for 8 chunks, which do not fit next to the larger Q6_K
+    # slots, so a launch takes 4 chunks and the next launch the rest. Every output must be written
+    # once, with its full sum.
     a, b = types
     check_mat_vec_cuda([(a, 32000), (b, 28000)], 256, batch)
 

@@ -1337,7 +1337,9 @@ struct Overrides {
   int staged_forced = env_int("GGFUSE_MV_STAGED", -1);  // -1: the measured rule
   bool direct = env_int("GGFUSE_MV_DIRECT", 1) != 0;
   int q6k_cost = env_int("GGFUSE_MV_Q6K_COST", -1);  // direct kernel: a Q6_K item's work in quarter Q4_K items; 0: balance by bytes; -1: q6k_cost_for
-  int chunks = std::clamp(env_int("GGFUSE_MV_CHUNKS", kMaxChunks), 1, kMaxChunks);  // direct kernel: 8-row batch chunks per launch
+  // Direct kernel: 8-row batch chunks per launch above 8 rows. 0 (unset): up to kMaxChunks where the
+  // launch's busiest warp has one item (launch_direct); N: N for every launch (1: never several).
+  int chunks = std::clamp(env_int("GGFUSE_MV_CHUNKS", 0), 0, kMaxChunks);
   bool stream = env_int("GGFUSE_MV_STREAM", 0) > 0;  // the opt-in streaming kernel keeps every 8-row chunk it takes
 };
 const Overrides& overrides() {
@@ -1469,7 +1471,7 @@ cudaError_t launch_direct_kernel(int device, int grid, size_t smem, cudaStream_t
 // measured best on the H200: QKV Q4_K B = 8 with norm 12.48 us against 13.28 with all three of a
 // warp's items in flight and 21.24 with one; gate|up 30.17 against 32.04 with 4 slots). Returns the
 // dynamic shared memory; `enough` says whether the slots per warp reached min(items, 2).
-size_t plan_direct(Params& q, int grid, int smem_optin, bool* enough) {
+size_t plan_direct(Params& q, int grid, int smem_optin, bool* enough, int64_t* busiest_items = nullptr) {
   const Overrides& ov = overrides();
   const size_t per_slot = static_cast<size_t>(kWarps) * q.stage_bytes;
   // The partial slots' share: 64 KB for one batch chunk (the measured default); with several, what
@@ -1488,12 +1490,19 @@ size_t plan_direct(Params& q, int grid, int smem_optin, bool* enough) {
   q.stages = static_cast<int32_t>(std::min<int64_t>({items, cap, static_cast<int64_t>(room / per_slot)}));
   q.act_offset = static_cast<int32_t>(fixed);  // the slots follow the tables and partial slots
   *enough = q.stages >= std::min<int64_t>(items, 2);
+  if (busiest_items != nullptr) *busiest_items = items;
   return fixed + per_slot * std::max(q.stages, 1);
 }
 
 // Launches the direct kernel for p.batch rows (up to kMaxChunks * 8); *cols_done: the batch rows it
 // took, fewer than p.batch where the partial slots of that many chunks do not fit next to two slots
-// per warp in a grid of one CTA per SM (the chunks are then halved, not the CTAs made smaller).
+// per warp in a grid of one CTA per SM (the chunks are then halved, not the CTAs made smaller), and
+// only 8 unless every warp of the launch has a single item (or GGFUSE_MV_CHUNKS forces chunks). A
+// chunked launch loads the activations per item and chunk, where one launch per 8 rows loads them
+// once per step for all the warp's tiles, and its warps do their chunks one after the other: H200,
+// mat-vec alone, 8 launches -> one (docs/PERFORMANCE.md v19): QKV 2048 (one item per warp) B = 64
+// 46.4 -> 23.0 us, B = 16 11.4 -> 8.3; QKV 4096 (3 items) B = 64 70.3 -> 61.3 but B = 16 18.2 ->
+// 19.7; QKV 8192 and gate|up (10-32 items) 1.3-1.45x slower.
 template <int kMask>
 cudaError_t launch_direct(Params& p, int device, cudaStream_t stream, int* cols_done) {
   const Overrides& ov = overrides();
@@ -1506,7 +1515,13 @@ cudaError_t launch_direct(Params& p, int device, cudaStream_t stream, int* cols_
   if (q6k_cost > 0) balance_direct_by_work(q, q6k_cost);
   int grid = std::min({sms, q.total_tiles, kMaxGrid});
   bool enough = false;
-  size_t smem = plan_direct(q, grid, smem_optin, &enough);
+  int64_t busiest = 0;
+  size_t smem = plan_direct(q, grid, smem_optin, &enough, &busiest);
+  if (q.col_chunks > 1 && ov.chunks == 0 && busiest > 1) {  // the measured rule (above): 8 rows
+    q.col_chunks = 1;
+    q.batch = std::min(q.batch, kMaxCols);
+    smem = plan_direct(q, grid, smem_optin, &enough);
+  }
   while (!enough && q.col_chunks > 1) {
     q.col_chunks = (q.col_chunks + 1) / 2;
     q.batch = std::min(q.batch, q.col_chunks * kMaxCols);
@@ -1614,13 +1629,15 @@ cudaError_t mat_vec_q8_1(const uint8_t* weight, int64_t weight_bytes, const Segm
   const int dmask = overrides().direct ? direct_mask(p, types) : 0;
   const bool direct = dmask != 0;
   // Batch rows 8 at a time (the N of the MMA); small chunks take the dp4a kernel. Where the direct
-  // kernel applies, more than 8 remaining rows go to it up to 64 at a time (GGFUSE_MV_CHUNKS chunks
-  // of 8), each weight item computed against all of them; the 8-row loop is the fallback.
+  // kernel applies, more than 8 remaining rows go to it, and it takes up to 64 of them in one launch
+  // (launch_direct says how many), each weight item computed against all of them.
   for (int64_t b0 = 0; b0 < batch;) {
     p.x = x_q8 + b0 * p.x_row_bytes;
     p.out = out + b0 * n_out;
-    const int64_t wide = std::min<int64_t>(static_cast<int64_t>(kMaxCols) * overrides().chunks, batch - b0);
-    if (direct && wide > kMaxCols && !overrides().stream) {
+    const int chunks = overrides().chunks > 0 ? overrides().chunks : kMaxChunks;
+    const int64_t wide = std::min<int64_t>(static_cast<int64_t>(kMaxCols) * chunks, batch - b0);
+    // (Not with the streaming kernel or the dp4a kernel forced for 8-row chunks: they keep theirs.)
+    if (direct && wide > kMaxCols && !overrides().stream && overrides().dp4a_forced < kMaxCols) {
       p.batch = static_cast<int32_t>(wide);
       int cols_done = 0;
       err = launch_direct_any(p, dmask, device, stream, &cols_done);
