@@ -27,8 +27,9 @@
 //   * rms_norm_mat_vec_q8_1 can also run the norm inside this kernel (every CTA quantizes x into
 //     shared memory, in the standalone norm kernel's order); with PDL the separate norm kernel
 //     measured faster, so that is behind GGFUSE_FUSED_NORM=1.
-// Batches above 8 are processed 8 rows per launch, except by the direct kernel (below), which takes up
-// to 64 rows per launch: each weight item it stages is computed against every 8-row chunk. Chunks of <= 2 rows of Q4_K-only weights go to the
+// Batches above 8 are processed 8 rows per launch; the direct kernel (below) takes up to 64 rows per
+// launch, each weight item it stages computed against every 8-row chunk, where each of its warps has
+// one item (launch_direct: elsewhere it measured slower). Chunks of <= 2 rows of Q4_K-only weights go to the
 // dp4a kernel instead (mat_vec_dp4a.cu), where it measured faster (as do chunks of <= 4 rows with a
 // 2-byte aligned type that the direct kernel does not take). Other chunks of weights made of Q4_K and Q6_K, or of Q4_0 alone, with K a
 // multiple of 256, run mat_vec_direct_kernel: the same work split and MMA, with fragments read at the
@@ -1196,7 +1197,8 @@ constexpr int kDirectChunkedMaxRegisters = GGFUSE_DIRECT_CHUNKED_MAXREG;
 // kChunked: the launch has p.col_chunks > 1 batch chunks of 8 rows, and each item, once in shared
 // memory, is computed against every chunk (the activations loaded per item and chunk: too many to
 // keep in registers), with a partial slot per (tile, K group, chunk). One launch then reads and
-// stages each weight byte once for up to 64 batch rows, where a launch per 8 rows read it 8 times.
+// stages each weight byte once for up to 64 batch rows, where a launch per 8 rows reads it 8 times;
+// launch_direct says where that measured faster.
 template <int kMask, bool kChunked>
 __global__ void __maxnreg__(kChunked ? kDirectChunkedMaxRegisters : kDirectMaxRegisters) mat_vec_direct_kernel(const __grid_constant__ Params p) {
   extern __shared__ __align__(16) uint8_t smem[];

@@ -26,7 +26,8 @@ cudaError_t dequantize(int32_t type, const uint8_t* src, int64_t rows, int64_t k
 // weight_bytes: the size of the weight buffer (no kernel reads past it). With GGFUSE_MV_STREAM=N
 // (opt-in) batch chunks of <= N rows run mat_vec_q8_1_stream on sm_90+ when it accepts them; the
 // others the kernels below. Batches run 8 rows per launch, or, where the direct MMA kernel takes the
-// weights (Q4_K, Q4_K + Q6_K, Q4_0; K % 256 == 0), up to 64 rows per launch (GGFUSE_MV_CHUNKS).
+// weights (Q4_K, Q4_K + Q6_K, Q4_0; K % 256 == 0) and each of its warps has one weight item, up to 64
+// rows per launch (GGFUSE_MV_CHUNKS=N forces N chunks of 8).
 cudaError_t mat_vec_q8_1(const uint8_t* weight, int64_t weight_bytes, const SegmentTable& table, int64_t k,
                          const uint8_t* x_q8, int64_t batch, float* out, int64_t n_out,
                          cudaStream_t stream);
