@@ -143,11 +143,17 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # direct kernel also runs B = 1 to 4.
   cuda_variant_stage pytest-cuda-mma-staged GGFUSE_MV_DIRECT=0 "mat_vec or graph or compile"
   cuda_variant_stage pytest-cuda-mma-only GGFUSE_MV_DP4A=0 "mat_vec or graph or compile"
-  # the direct kernel computing each staged item against several 8-row batch chunks in every launch
-  # above 8 rows (by default only where each warp has one item): 8 chunks (where their partial slots
-  # do not fit, fewer), and 2 (several launches and rests)
-  cuda_variant_stage pytest-cuda-direct-chunks-8 GGFUSE_MV_CHUNKS=8 "mat_vec or graph or compile"
-  cuda_variant_stage pytest-cuda-direct-chunks-2 GGFUSE_MV_CHUNKS=2 "mat_vec or graph or compile"
+  # above 8 rows, the direct kernel instead of the wide kernel: by its own rule (several 8-row batch
+  # chunks per launch only where each warp has one item), and computing each staged item against
+  # several chunks in every launch: 8 (where their partial slots do not fit, fewer) and 2 (several
+  # launches and rests)
+  cuda_variant_stage pytest-cuda-wide-off GGFUSE_MV_WIDE=0 "mat_vec or graph or compile"
+  cuda_variant_stage pytest-cuda-direct-chunks-8 "GGFUSE_MV_WIDE=0 GGFUSE_MV_CHUNKS=8" "mat_vec or graph or compile"
+  cuda_variant_stage pytest-cuda-direct-chunks-2 "GGFUSE_MV_WIDE=0 GGFUSE_MV_CHUNKS=2" "mat_vec or graph or compile"
+  # the wide kernel without clusters (one CTA per group: sm_80's only form), and from 8 rows (B = 8 as
+  # one chunk)
+  cuda_variant_stage pytest-cuda-wide-split-1 GGFUSE_MV_WIDE_SPLIT=1 "mat_vec or graph or compile"
+  cuda_variant_stage pytest-cuda-wide-from-8 GGFUSE_MV_WIDE=8 "mat_vec or graph or compile"
   # the direct kernel with one slot per warp (every item refills the slot: the ring's reuse path)
   cuda_variant_stage pytest-cuda-direct-one-slot GGFUSE_MV_STAGES=1 "mat_vec or graph or compile"
   # the norm kernel with each row on one and on two blocks of 256 threads (by default up to eight for

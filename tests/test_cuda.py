@@ -261,9 +261,10 @@ def test_mat_vec_direct_kernel_types(poison_outputs, types, k, batch):
 @pytest.mark.parametrize("types", [(T.Q4_K, T.Q4_K), (T.Q4_K, T.Q6_K), (T.Q4_0, T.Q4_0)],
                          ids=["q4k", "q4k_q6k", "q4_0"])
 def test_mat_vec_direct_kernel_batch_chunks(poison_outputs, types, batch):
-    # Above 8 rows the direct kernel computes each staged weight item against up to 8 chunks of 8
+    # Above 8 rows: by default the wide kernel (64 rows per launch); under GGFUSE_MV_WIDE=0 (device_check
+    # variants) the direct kernel, which computes each staged weight item against up to 8 chunks of 8
     # batch rows in one launch, a partial slot per (tile, K group, chunk), where every warp has one
-    # item (here: 24 tiles, 16 K steps, one per warp): a last chunk of one row
+    # item (here: 24 tiles, 16 K steps, one per warp). Batches: a last chunk of one row
     # (B = 9; B = 65: a full launch, then one row through the dp4a kernel), 3 chunks (24), all 8 (64),
     # two full launches and a rest of 2 (130); segments with short last tiles, one ending off a
     # 16-byte boundary.
@@ -274,14 +275,76 @@ def test_mat_vec_direct_kernel_batch_chunks(poison_outputs, types, batch):
 @pytest.mark.parametrize("batch", [17, 64])
 @pytest.mark.parametrize("types", [(T.Q4_K, T.Q4_K), (T.Q4_K, T.Q6_K)], ids=["q4k", "q4k_q6k"])
 def test_mat_vec_direct_kernel_batch_chunks_many_tiles(poison_outputs, types, batch):
-    # 30-40 tiles per CTA at K = 256 (132 SMs): by default one launch per 8 rows (the warps have
-    # several items); under GGFUSE_MV_CHUNKS=8 (a device_check variant) several chunks per launch.
+    # By default the wide kernel (3750 groups of 8 tiles, one K step: no split). Under GGFUSE_MV_WIDE=0
+    # the direct kernel with 30-40 tiles per CTA at K = 256 (132 SMs): one launch per 8 rows (the warps
+    # have several items), or under GGFUSE_MV_CHUNKS=8 several chunks per launch.
     # Q4_K alone: 8 chunks' partial slots (~116 KB) fit next to two weight slots per warp. Q4_K + Q6_K:
     # the Q4_K CTAs' ~38 tiles need ~155 KB for 8 chunks, which do not fit next to the larger Q6_K
     # slots, so a launch takes 4 chunks and the next launch the rest. Every output must be written
     # once, with its full sum.
     a, b = types
     check_mat_vec_cuda([(a, 32000), (b, 28000)], 256, batch)
+
+
+WIDE_TYPES = [(T.Q4_K, T.Q4_K), (T.Q4_K, T.Q6_K), (T.Q4_0, T.Q4_0)]
+WIDE_IDS = ["q4k", "q4k_q6k", "q4_0"]
+
+
+@pytest.mark.parametrize("batch", [9, 40, 64])
+@pytest.mark.parametrize("k", [256, 768, 14336])
+@pytest.mark.parametrize("types", WIDE_TYPES, ids=WIDE_IDS)
+def test_mat_vec_wide_kernel(poison_outputs, types, k, batch):
+    # Above 8 rows the wide kernel: 8 tiles per CTA, every batch chunk's sums in registers, K split
+    # over a cluster of CTAs. K = 256: one step (no split); 768: three steps (clusters of up to 3);
+    # 14336: 56 steps, shares of unequal size. The segments' last tiles are short, and the last CTA
+    # has warps without a tile (17 tiles); B = 9 and 40 end in a chunk of one row.
+    a, b = types
+    check_mat_vec_cuda([(a, 200), (b, 45), (a, 17)], k, batch)
+
+
+@pytest.mark.parametrize("env,batch", [({"GGFUSE_MV_WIDE_SPLIT": "1"}, 24), ({"GGFUSE_MV_WIDE_SPLIT": "3"}, 24),
+                                       ({"GGFUSE_MV_WIDE_SPLIT": "8"}, 64), ({"GGFUSE_MV_WIDE": "8"}, 8),
+                                       ({"GGFUSE_MV_WIDE": "0"}, 24)],
+                         ids=["split-1", "split-3", "split-8", "from-8-rows", "off"])
+@pytest.mark.parametrize("types", WIDE_TYPES, ids=WIDE_IDS)
+def test_mat_vec_wide_kernel_knobs(tmp_path, types, env, batch):
+    # The knobs are read once per process, so each runs in a second one: the K split forced to one
+    # CTA (no cluster), 3 (16 steps in shares of 5, 5, 6) and 8 CTAs per cluster; the wide kernel
+    # taking B = 8 as one chunk; and turned off (the direct kernel per 8 rows). Every output must be
+    # written once with its whole sum, within the tolerance of the exact products.
+    a, b = types
+    segments, buf, qtypes, rows, offsets = make_fused([(a, 300), (b, 45), (a, 17)], 4096)
+    xq = ggfuse.quantize_q8_1(randn(batch, 4096))
+    torch.save({"xq": xq, "w": buf, "qtypes": [int(t) for t in qtypes], "rows": rows, "offsets": offsets},
+               tmp_path / "in.pt")
+    subprocess.run([sys.executable, "-c", PAIRS_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                   env=dict(os.environ, **env), check=True, timeout=120)
+    out = torch.load(tmp_path / "out.pt").double().numpy()
+    assert out.shape == (batch, sum(rows)) and np.isfinite(out).all()
+    assert rel_err(out, exact_mat_vec(segments, xq.numpy())) < CUDA_EXACT_TOL
+
+
+def test_mat_vec_wide_kernel_deterministic(poison_outputs):
+    # The cluster's sums are added in rank order: the same inputs give the same bits.
+    _, buf, qtypes, rows, offsets = make_fused([(T.Q4_K, 500), (T.Q6_K, 100)], 4096)
+    xq = ggfuse.quantize_q8_1(randn(33, 4096)).to(DEV)
+    buf_d = buf.to(DEV)
+    first = ggfuse.mat_vec_q8_1(xq, buf_d, qtypes, rows, offsets)
+    for _ in range(3):
+        assert torch.equal(ggfuse.mat_vec_q8_1(xq, buf_d, qtypes, rows, offsets), first)
+
+
+def test_mat_vec_wide_kernel_x_not_16_byte_aligned(poison_outputs):
+    # The wide kernel copies x in 16-byte pieces; x_q8 that is only 4-byte aligned (a legal view) takes
+    # the direct kernel instead, with the same results.
+    segments, buf, qtypes, rows, offsets = make_fused([(T.Q4_K, 100), (T.Q4_K, 20)], 4096)
+    xq = ggfuse.quantize_q8_1(randn(16, 4096))
+    base = torch.zeros(xq.numel() + 4, dtype=torch.uint8, device=DEV)
+    base[4:] = xq.flatten().to(DEV)
+    xv = base[4:].view(xq.shape)
+    assert xv.data_ptr() % 16 != 0
+    out = ggfuse.mat_vec_q8_1(xv, buf.to(DEV), qtypes, rows, offsets)
+    assert rel_err(out.cpu().double().numpy(), exact_mat_vec(segments, xq.numpy())) < CUDA_EXACT_TOL
 
 
 @pytest.mark.parametrize("batch", [1, 2])

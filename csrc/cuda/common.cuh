@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 
 namespace ggfuse {
 namespace cuda {
@@ -36,6 +37,49 @@ __device__ __forceinline__ void allow_dependent_launch() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+
+// ---- thread block clusters (sm_90+; launched in clusters only there, see launch_kernel_clustered) ----
+// A CTA's rank in its cluster (0 outside a cluster launch, and on older targets).
+__device__ __forceinline__ int cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return static_cast<int>(r);
+#else
+  return 0;
+#endif
+}
+// The cluster barrier, every thread of every CTA once per phase: the release / acquire pair orders
+// this thread's shared-memory stores before the other CTAs' distributed loads after their wait. All
+// lanes of a warp call it together (.aligned).
+__device__ __forceinline__ void cluster_sync_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n"
+               "barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+// The shared::cluster address of a shared-memory location (a shared::cta address) in the CTA of
+// rank `rank`, and a 16-byte load from there.
+__device__ __forceinline__ uint32_t cluster_map_shared(uint32_t saddr, int rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(saddr), "r"(rank));
+  return r;
+#else
+  return saddr;
+#endif
+}
+__device__ __forceinline__ float4 cluster_load_f4(uint32_t caddr) {
+  float4 v;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(caddr) : "memory");
+#else
+  asm volatile("ld.shared.v4.f32 {%0,%1,%2,%3}, [%4];"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(caddr) : "memory");
+#endif
+  return v;
 }
 
 // ---- cp.async (sm_80+): 16-byte global -> shared copies that bypass registers and L1 ----
@@ -131,10 +175,11 @@ inline int smem_carveout() {
 }
 
 // Launches kernel<<<grid, block, smem, stream>>>(args...) with the programmatic-stream-serialization
-// attribute when PDL is enabled, and returns the launch status.
+// attribute when PDL is enabled, in clusters of `cluster` CTAs along x when cluster > 1 (sm_90+;
+// grid.x a multiple of it), and returns the launch status.
 template <typename... KArgs, typename... Args>
-cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
-                          cudaStream_t stream, Args&&... args) {
+cudaError_t launch_kernel_clustered(int cluster, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                                    cudaStream_t stream, Args&&... args) {
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
@@ -143,11 +188,22 @@ cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr[2];
+  int n = 0;
+  if (pdl_enabled(device)) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
+  if (cluster > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = static_cast<unsigned>(cluster);
+    attr[n].val.clusterDim.y = 1;
+    attr[n].val.clusterDim.z = 1;
+    ++n;
+  }
   config.attrs = attr;
-  config.numAttrs = pdl_enabled(device) ? 1 : 0;
+  config.numAttrs = n;
   if (smem_carveout() >= 0 && smem_carveout() <= 100) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, smem_carveout());
     if (err != cudaSuccess) return err;
@@ -155,6 +211,11 @@ cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_
   err = cudaLaunchKernelEx(&config, kernel, static_cast<KArgs>(args)...);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
+}
+template <typename... KArgs, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          Args&&... args) {
+  return launch_kernel_clustered(1, kernel, grid, block, smem, stream, std::forward<Args>(args)...);
 }
 
 }  // namespace cuda

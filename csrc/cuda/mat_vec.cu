@@ -1343,6 +1343,9 @@ struct Overrides {
   // launch's busiest warp has one item (launch_direct); N: N for every launch (1: never several).
   int chunks = std::clamp(env_int("GGFUSE_MV_CHUNKS", 0), 0, kMaxChunks);
   bool stream = env_int("GGFUSE_MV_STREAM", 0) > 0;  // the opt-in streaming kernel keeps every 8-row chunk it takes
+  // The wide kernel (mat_vec_wide_kernel) for batch chunks of at least this many rows (0: never).
+  int wide_min = env_int("GGFUSE_MV_WIDE", kMaxCols + 1);
+  int wide_split = env_int("GGFUSE_MV_WIDE_SPLIT", 0);  // its CTAs per cluster (0: launch_wide's rule)
 };
 const Overrides& overrides() {
   static const Overrides o;
@@ -1592,6 +1595,402 @@ cudaError_t launch_direct_any(Params& p, int dmask, int device, cudaStream_t str
                                 : launch_direct<kDirectKQuants>(p, device, stream, cols_done);
 }
 
+// ---- batches of more than 8 rows: mat_vec_wide_kernel ----
+// The direct kernel is built for B <= 8: each warp takes K steps of several tiles and loads one K
+// step's activations (8 columns) into registers. Above 8 rows it runs once per 8 rows (each launch
+// reading every weight byte again and costing about the B = 8 time: QKV 4096 at B = 64 70 us on the
+// H200 where torch bf16 takes 24), or, where each warp has one item, computes each staged item
+// against every 8-row chunk (v19: only the 2048-wide QKV gained). This kernel is shaped like a GEMM:
+//   * a CTA of 8 warps owns 8 tiles (128 rows), one per warp, for a contiguous range of K steps; the
+//     warp keeps its sums for every chunk of 8 batch rows in registers across its steps, so it needs
+//     no partial slots in shared memory;
+//   * each K step's activations of all the batch rows (up to 64) are copied once per CTA into shared
+//     memory (cp.async), then rewritten once into the B-fragment order of the direct kernel (each
+//     lane's two words of a block side by side), with the per-column products of the epilogue (d_x,
+//     the Q4_K min product's TF32 parts, Q4_0's s_x): a warp reads a chunk's DirectAct with 22
+//     shared loads instead of the direct kernel's global loads, shuffles and dp4a sums;
+//   * each warp stages its tile's item of the next K steps (a ring of 2-3 slots, the first issued
+//     before the PDL wait) and computes it against every chunk with the direct kernel's item
+//     functions, so the results are those functions' (tested against gguf-py) summed over K;
+//   * K is split over a cluster of `split` CTAs (sm_90, distributed shared memory) so that layers of
+//     few row groups still fill the SMs (QKV 4096: 48 groups, 4 CTAs per cluster); at the end every
+//     CTA puts its sums in its shared memory and each CTA of the cluster adds a share of the outputs
+//     over the cluster's CTAs in rank order (deterministic), and stores them.
+constexpr int kWideWarps = 8;                              // tiles (of 16 rows) per CTA
+constexpr int kWideThreads = kWideWarps * 32;
+constexpr int kWideMaxCols = kMaxCols * kMaxChunks;        // batch rows per launch (64)
+constexpr int kWideMaxSplit = 8;                           // CTAs per cluster (the portable limit)
+constexpr int kStepActBytes = kStepBlocks * static_cast<int>(sizeof(BlockQ8_1));  // 288: 16-byte granules
+
+struct WideSeg {
+  int64_t byte_offset;
+  int32_t row_bytes;
+  int32_t rows;
+  int32_t col_begin;  // first output column
+  int32_t tile_begin;
+  int32_t type;
+  int32_t pad;
+};
+
+struct WideParams {
+  WideSeg seg[kMaxSegments];
+  const uint8_t* weight;
+  const uint8_t* x;       // Q8_1 rows of this launch's batch (16-byte aligned)
+  float* out;             // [batch, n_out] of this launch
+  int64_t x_row_bytes;    // K / 32 * 36 (a multiple of 288)
+  int32_t n_seg;
+  int32_t total_tiles;
+  int32_t steps;          // K / 256
+  int32_t batch;          // 1..64
+  int32_t chunks;         // ceil(batch / 8)
+  int32_t n_out;
+  int32_t split;          // CTAs per cluster, each a contiguous share of the K steps (1..8)
+  int32_t slots;          // weight slots per warp (2 or 3)
+  int32_t slot_bytes;     // one slot: 16 rows at the direct kernel's row stride
+};
+
+// Shared memory of the wide kernel, in this order (every part 16-byte aligned): the warps' weight
+// slots (after the main loop: the per-CTA sums of the cluster reduction), one step's raw Q8_1 rows,
+// the B fragments [chunk][block][lane] (uint2), and four [block][column] float tables: d_x, the min
+// product's TF32 hi and lo parts, s_x.
+struct WideSmem {
+  size_t raw, frag, dx, total;
+};
+__host__ __device__ constexpr WideSmem wide_smem(int slots, int slot_bytes, int batch, int chunks) {
+  const size_t slot_part = static_cast<size_t>(kWideWarps) * slots * slot_bytes;
+  const size_t red_part = static_cast<size_t>(kWideWarps) * chunks * 32 * 16;
+  WideSmem s{};
+  s.raw = slot_part > red_part ? slot_part : red_part;
+  s.frag = s.raw + ((static_cast<size_t>(batch) * kStepActBytes + 15) & ~size_t{15});
+  s.dx = s.frag + static_cast<size_t>(chunks) * kStepBlocks * 32 * 8;
+  s.total = s.dx + 4 * static_cast<size_t>(kStepBlocks) * chunks * kMaxCols * 4;
+  return s;
+}
+
+// The output of lane `lane`'s C fragment of chunk `chunk` of tile `tile`: rows g, g + 8, columns 2t, 2t + 1.
+__device__ __forceinline__ void wide_store(const WideParams& p, int tile, int chunk, int lane, float4 v) {
+  int s = 0;
+  while (s + 1 < p.n_seg && tile >= p.seg[s + 1].tile_begin) ++s;
+  const WideSeg& sd = p.seg[s];
+  const int g = lane >> 2, t = lane & 3;
+  const int32_t ra = (tile - sd.tile_begin) * kTileRows + g, rb = ra + 8;
+  const int ca = kMaxCols * chunk + 2 * t, cb = ca + 1;
+  float* o = p.out + sd.col_begin;
+  if (ra < sd.rows) {
+    if (ca < p.batch) o[static_cast<int64_t>(ca) * p.n_out + ra] = v.x;
+    if (cb < p.batch) o[static_cast<int64_t>(cb) * p.n_out + ra] = v.y;
+  }
+  if (rb < sd.rows) {
+    if (ca < p.batch) o[static_cast<int64_t>(ca) * p.n_out + rb] = v.z;
+    if (cb < p.batch) o[static_cast<int64_t>(cb) * p.n_out + rb] = v.w;
+  }
+}
+
+template <int kMask>
+__global__ void __launch_bounds__(kWideThreads, 2) mat_vec_wide_kernel(const __grid_constant__ WideParams p) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  allow_dependent_launch();
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int split = p.split;
+  const int rank = blockIdx.x % split;  // == the cluster rank: clusters are `split` consecutive CTAs
+  const int tile = (blockIdx.x / split) * kWideWarps + warp;
+  const bool has_tile = tile < p.total_tiles;
+  const int s_begin = rank * p.steps / split, s_end = (rank + 1) * p.steps / split;
+  const int cols8 = p.chunks * kMaxCols;
+  const WideSmem sm = wide_smem(p.slots, p.slot_bytes, p.batch, p.chunks);
+  uint8_t* ring = smem + static_cast<size_t>(warp) * p.slots * p.slot_bytes;
+  uint8_t* raw = smem + sm.raw;
+  uint2* frag = reinterpret_cast<uint2*>(smem + sm.frag);
+  float* dxf = reinterpret_cast<float*>(smem + sm.dx);
+  uint32_t* mbh = reinterpret_cast<uint32_t*>(dxf + kStepBlocks * cols8);
+  uint32_t* mbl = mbh + kStepBlocks * cols8;
+  float* sxf = reinterpret_cast<float*>(mbl + kStepBlocks * cols8);
+
+  DirectTile dt{};
+  if (has_tile) {
+    int s = 0;
+    while (s + 1 < p.n_seg && tile >= p.seg[s + 1].tile_begin) ++s;
+    const WideSeg& sd = p.seg[s];
+    const int32_t row0 = (tile - sd.tile_begin) * kTileRows;
+    dt.row0 = p.weight + sd.byte_offset + static_cast<int64_t>(row0) * sd.row_bytes;
+    dt.seg_end = p.weight + sd.byte_offset + static_cast<int64_t>(sd.rows) * sd.row_bytes;
+    dt.row_bytes = sd.row_bytes;
+    dt.rows_valid = static_cast<int16_t>(min(kTileRows, sd.rows - row0));
+    dt.type = static_cast<int16_t>(sd.type);
+  }
+  const bool q6k = (kMask & type_bit(kQ6_K)) != 0 && dt.type == kQ6_K;
+  auto issue_weights = [&](int s) {
+    if (has_tile && s < s_end) {
+      uint8_t* slot = ring + ((s - s_begin) % p.slots) * p.slot_bytes;
+      if (q6k) {
+        stage_q6k_item(dt, s, lane, slot);
+      } else {
+        stage_aligned_item(dt, s, lane, slot);
+      }
+    }
+    cp_async_commit();
+  };
+  auto issue_x = [&](int s) {
+    if (s < s_end) {
+      constexpr int kRowGranules = kStepActBytes / 16;  // 18
+      const uint8_t* src = p.x + static_cast<int64_t>(s) * kStepActBytes;
+      for (int i = threadIdx.x; i < p.batch * kRowGranules; i += kWideThreads) {
+        const int b = i / kRowGranules, c = i - b * kRowGranules;
+        cp_async_16(raw + b * kStepActBytes + 16 * c, src + b * p.x_row_bytes + 16 * c);
+      }
+    }
+    cp_async_commit();
+  };
+
+  // cp.async groups, oldest first: W(s0) [before the wait], X(s0), W(s0 + 1) [3 slots]; then per step s
+  // X(s + 1), W(s + slots - 1). At the top of step s only the newest slots - 2 groups may be pending.
+  issue_weights(s_begin);
+  grid_dependency_wait();
+  issue_x(s_begin);
+  for (int a = 1; a < p.slots - 1; ++a) issue_weights(s_begin + a);
+
+  float acc[kMaxChunks][4];
+#pragma unroll
+  for (int c = 0; c < kMaxChunks; ++c) acc[c][0] = acc[c][1] = acc[c][2] = acc[c][3] = 0.f;
+
+  for (int s = s_begin; s < s_end; ++s) {
+    cp_async_wait_dyn(p.slots - 2);
+    __syncthreads();  // step s's rows and items have landed; every warp is done with step s - 1
+    // The raw rows -> B fragments and the per-column tables (columns past the batch repeat its last row).
+    for (int i = threadIdx.x; i < kStepBlocks * cols8; i += kWideThreads) {
+      const int j = i / cols8, col = i - j * cols8;
+      const uint32_t* w = reinterpret_cast<const uint32_t*>(raw + min(col, p.batch - 1) * kStepActBytes +
+                                                            j * static_cast<int>(sizeof(BlockQ8_1)));
+      const int chunk = col >> 3, gc = col & 7;
+      uint2* f = frag + (chunk * kStepBlocks + j) * 32 + 4 * gc;
+      int sumq = 0;
+#pragma unroll
+      for (int tt = 0; tt < 4; ++tt) {
+        const uint32_t b0 = w[1 + 2 * tt], b1 = w[2 + 2 * tt];
+        f[tt] = make_uint2(b0, b1);
+        sumq = __dp4a(static_cast<int>(b0), static_cast<int>(kOnes), __dp4a(static_cast<int>(b1), static_cast<int>(kOnes), sumq));
+      }
+      const uint32_t ds = w[0];
+      const float dx = h2f(ds);
+      dxf[i] = dx;
+      const float q = dx * i2f_exact(sumq);
+      const uint32_t hi = tf32_round(q);
+      mbh[i] = hi;
+      mbl[i] = tf32_round(q - __uint_as_float(hi));
+      sxf[i] = h2f(ds >> 16);
+    }
+    __syncthreads();  // the fragments are ready; the raw rows may be refilled
+    issue_x(s + 1);
+    issue_weights(s + p.slots - 1);
+    if (has_tile) {
+      const uint8_t* slot = ring + ((s - s_begin) % p.slots) * p.slot_bytes;
+      const int o0 = q6k ? q6k_row_offset(dt, s, g) : 0, o1 = q6k ? q6k_row_offset(dt, s, g + 8) : 0;
+#pragma unroll
+      for (int c = 0; c < kMaxChunks; ++c) {
+        if (c < p.chunks) {
+          DirectAct act;
+          const uint2* fr = frag + c * kStepBlocks * 32 + lane;
+#pragma unroll
+          for (int j = 0; j < kStepBlocks; ++j) {
+            const uint2 v = fr[j * 32];
+            act.b[j][0] = v.x;
+            act.b[j][1] = v.y;
+            const float2 d = *reinterpret_cast<const float2*>(dxf + j * cols8 + kMaxCols * c + 2 * t);
+            act.dx0[j] = d.x;
+            act.dx1[j] = d.y;
+          }
+          const int cg = kMaxCols * c + g;
+          if constexpr ((kMask & type_bit(kQ4_K)) != 0) {
+            act.mb_hi[0] = mbh[t * cols8 + cg];
+            act.mb_hi[1] = mbh[(t + 4) * cols8 + cg];
+            act.mb_lo[0] = mbl[t * cols8 + cg];
+            act.mb_lo[1] = mbl[(t + 4) * cols8 + cg];
+          }
+          if constexpr ((kMask & type_bit(kQ4_0)) != 0) {
+            act.sx[0] = __float_as_uint(sxf[t * cols8 + cg]);
+            act.sx[1] = __float_as_uint(sxf[(t + 4) * cols8 + cg]);
+          }
+          float r[4];
+          if constexpr (kMask == kDirectQ4_0) {
+            compute_q4_0_item(slot, act, lane, r);
+          } else if constexpr (kMask == kDirectQ4K) {
+            compute_q4k_item(slot, act, lane, r);
+          } else {
+            if (q6k) {
+              compute_q6k_item(slot, o0, o1, act, lane, r);
+            } else {
+              compute_q4k_item(slot, act, lane, r);
+            }
+          }
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[c][e] += r[e];
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  if (split == 1) {
+    if (has_tile) {
+#pragma unroll
+      for (int c = 0; c < kMaxChunks; ++c) {
+        if (c < p.chunks) wide_store(p, tile, c, lane, make_float4(acc[c][0], acc[c][1], acc[c][2], acc[c][3]));
+      }
+    }
+    return;
+  }
+  // The cluster's sums: this CTA's in its slot area ([warp][chunk][lane] float4), then each CTA adds
+  // 1/split of the entries over the ranks in order and stores them.
+  __syncthreads();  // every warp is done with its slots
+  float4* red = reinterpret_cast<float4*>(smem);
+#pragma unroll
+  for (int c = 0; c < kMaxChunks; ++c) {
+    if (c < p.chunks) red[(warp * p.chunks + c) * 32 + lane] = make_float4(acc[c][0], acc[c][1], acc[c][2], acc[c][3]);
+  }
+  cluster_sync_all();
+  const int entries = kWideWarps * p.chunks * 32;
+  const int e0 = rank * entries / split, e1 = (rank + 1) * entries / split;
+  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(red));
+  const int tile0 = (blockIdx.x / split) * kWideWarps;
+  for (int e = e0 + static_cast<int>(threadIdx.x); e < e1; e += kWideThreads) {
+    const int wc = e >> 5, w = wc / p.chunks, c = wc - w * p.chunks;
+    if (tile0 + w >= p.total_tiles) continue;
+    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int q = 0; q < split; ++q) {
+      const float4 v = cluster_load_f4(cluster_map_shared(base + 16u * static_cast<uint32_t>(e), q));
+      sum.x += v.x; sum.y += v.y; sum.z += v.z; sum.w += v.w;
+    }
+    wide_store(p, tile0 + w, c, e & 31, sum);
+  }
+  cluster_sync_all();  // no CTA leaves while another still reads its shared memory
+}
+
+// Occupancy facts of a wide kernel instance per (device, dynamic shared memory): CTAs per SM, and
+// which cluster sizes can be resident at all (bit n: clusters of n). Cached: launches ask every call.
+struct WideFit {
+  int per_sm;
+  int cluster_ok;
+};
+template <int kMask>
+WideFit wide_fit(int device, size_t smem) {
+  struct Entry {
+    int device;
+    size_t smem;
+    WideFit fit;
+  };
+  static Entry cache[32];
+  static int used = 0;
+  for (int i = 0; i < used; ++i) {
+    if (cache[i].device == device && cache[i].smem == smem) return cache[i].fit;
+  }
+  auto* kernel = mat_vec_wide_kernel<kMask>;
+  WideFit fit{0, 0};
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit.per_sm, kernel, kWideThreads, smem) != cudaSuccess) {
+    (void)cudaGetLastError();
+    fit.per_sm = 0;
+  }
+  if (device_attribute(device, cudaDevAttrComputeCapabilityMajor) >= 9) {
+    for (int n = 2; n <= kWideMaxSplit; ++n) {
+      cudaLaunchConfig_t cfg{};
+      cfg.gridDim = dim3(n);
+      cfg.blockDim = dim3(kWideThreads);
+      cfg.dynamicSmemBytes = smem;
+      cudaLaunchAttribute a[1];
+      a[0].id = cudaLaunchAttributeClusterDimension;
+      a[0].val.clusterDim.x = static_cast<unsigned>(n);
+      a[0].val.clusterDim.y = 1;
+      a[0].val.clusterDim.z = 1;
+      cfg.attrs = a;
+      cfg.numAttrs = 1;
+      int clusters = 0;
+      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0) {
+        fit.cluster_ok |= 1 << n;
+      } else {
+        (void)cudaGetLastError();
+      }
+    }
+  }
+  if (used < 32) cache[used++] = Entry{device, smem, fit};
+  return fit;
+}
+
+// Launches the wide kernel for min(p.batch, 64) rows of p (fill_params'd, K a multiple of 256, the
+// direct kernel's types); *cols_done: the rows it took. NotSupported, having launched nothing, where
+// x is not 16-byte aligned or the shared memory does not fit.
+// The K split: as many CTAs per cluster as fill the resident CTA slots (up to 8 and the steps), then
+// the fewest that keep the same steps per CTA (QKV 4096 -> 6144: 48 groups, 264 slots on 132 SMs,
+// 5 -> 4 CTAs of 4 steps); one on GPUs without clusters. GGFUSE_MV_WIDE_SPLIT=N forces N.
+template <int kMask>
+cudaError_t launch_wide(const Params& p, int device, cudaStream_t stream, int* cols_done) {
+  if ((reinterpret_cast<uintptr_t>(p.x) & 15u) != 0 || p.steps <= 0) return cudaErrorNotSupported;
+  WideParams w{};
+  for (int s = 0; s < p.n_seg; ++s) {
+    const SegDesc& sd = p.seg[s];
+    WideSeg& ws = w.seg[s];
+    ws.byte_offset = sd.byte_offset;
+    ws.row_bytes = static_cast<int32_t>(sd.row_bytes);
+    ws.rows = sd.rows;
+    ws.col_begin = sd.col_begin;
+    ws.tile_begin = sd.tile_begin;
+    ws.type = sd.type;
+  }
+  w.weight = p.weight;
+  w.x = p.x;
+  w.out = p.out;
+  w.x_row_bytes = p.x_row_bytes;
+  w.n_seg = p.n_seg;
+  w.total_tiles = p.total_tiles;
+  w.steps = p.steps;
+  w.n_out = p.n_out;
+  w.batch = std::min(p.batch, kWideMaxCols);
+  w.chunks = (w.batch + kMaxCols - 1) / kMaxCols;
+  w.slot_bytes = direct_slot_bytes(kMask);
+  const int sms = std::max(1, device_attribute(device, cudaDevAttrMultiProcessorCount));
+  const int smem_optin = device_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  const int smem_sm = device_attribute(device, cudaDevAttrMaxSharedMemoryPerMultiprocessor);
+  const int reserved = device_attribute(device, cudaDevAttrReservedSharedMemoryPerBlock);
+  // Three slots per warp where two CTAs still fit on an SM, else two.
+  w.slots = 3;
+  size_t smem = wide_smem(w.slots, w.slot_bytes, w.batch, w.chunks).total;
+  if (2 * (smem + reserved) > static_cast<size_t>(smem_sm)) {
+    w.slots = 2;
+    smem = wide_smem(w.slots, w.slot_bytes, w.batch, w.chunks).total;
+  }
+  if (smem > static_cast<size_t>(smem_optin)) return cudaErrorNotSupported;
+  auto* kernel = mat_vec_wide_kernel<kMask>;
+  static int smem_set[64] = {};  // per device: the dynamic shared memory limit raised
+  if (smem > 48 * 1024 && (device >= 64 || smem_set[device] < static_cast<int>(smem))) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    if (device < 64) smem_set[device] = static_cast<int>(smem);
+  }
+  const WideFit fit = wide_fit<kMask>(device, smem);
+  if (fit.per_sm <= 0) return cudaErrorNotSupported;
+  const int groups = (w.total_tiles + kWideWarps - 1) / kWideWarps;
+  const int cap = std::min(kWideMaxSplit, w.steps);
+  int split = 1;
+  if (overrides().wide_split > 0) {
+    split = std::min(overrides().wide_split, cap);
+  } else {
+    split = std::clamp(fit.per_sm * sms / groups, 1, cap);
+    const int per_cta = (w.steps + split - 1) / split;
+    while (split > 1 && (w.steps + split - 2) / (split - 1) == per_cta) --split;
+  }
+  while (split > 1 && (fit.cluster_ok & (1 << split)) == 0) --split;
+  w.split = split;
+  *cols_done = w.batch;
+  return launch_kernel_clustered(split, kernel, dim3(groups * split), dim3(kWideThreads), smem, stream, w);
+}
+
+cudaError_t launch_wide_any(const Params& p, int dmask, int device, cudaStream_t stream, int* cols_done) {
+  return dmask == kDirectQ4K    ? launch_wide<kDirectQ4K>(p, device, stream, cols_done)
+         : dmask == kDirectQ4_0 ? launch_wide<kDirectQ4_0>(p, device, stream, cols_done)
+                                : launch_wide<kDirectKQuants>(p, device, stream, cols_done);
+}
+
 cudaError_t launch_any(Params& p, int types, int device, cudaStream_t stream) {
   const bool one = p.batch == 1;  // a lone row takes the one-column kernel
   const int dmask = p.norm.x == nullptr && overrides().direct ? direct_mask(p, types) : 0;
@@ -1631,16 +2030,28 @@ cudaError_t mat_vec_q8_1(const uint8_t* weight, int64_t weight_bytes, const Segm
   const int dmask = overrides().direct ? direct_mask(p, types) : 0;
   const bool direct = dmask != 0;
   // Batch rows 8 at a time (the N of the MMA); small chunks take the dp4a kernel. Where the direct
-  // kernel applies, more than 8 remaining rows go to it, and it takes up to 64 of them in one launch
-  // (launch_direct says how many), each weight item computed against all of them.
+  // kernel applies, more than 8 remaining rows go to the wide kernel, up to 64 per launch (or, with
+  // GGFUSE_MV_WIDE=0, to the direct kernel, which takes up to 64 of them in one launch where
+  // launch_direct says so, each weight item computed against all of them).
   for (int64_t b0 = 0; b0 < batch;) {
     p.x = x_q8 + b0 * p.x_row_bytes;
     p.out = out + b0 * n_out;
-    const int chunks = overrides().chunks > 0 ? overrides().chunks : kMaxChunks;
-    const int64_t wide = std::min<int64_t>(static_cast<int64_t>(kMaxCols) * chunks, batch - b0);
     // (Not with the streaming kernel or the dp4a kernel forced for 8-row chunks: they keep theirs.)
-    if (direct && wide > kMaxCols && !overrides().stream && overrides().dp4a_forced < kMaxCols) {
-      p.batch = static_cast<int32_t>(wide);
+    const bool others_forced = overrides().stream || overrides().dp4a_forced >= kMaxCols;
+    if (direct && overrides().wide_min > 0 && batch - b0 >= overrides().wide_min && !others_forced) {
+      p.batch = static_cast<int32_t>(std::min<int64_t>(kWideMaxCols, batch - b0));
+      int cols_done = 0;
+      err = launch_wide_any(p, dmask, device, stream, &cols_done);
+      if (err == cudaSuccess) {
+        b0 += cols_done;
+        continue;
+      }
+      if (err != cudaErrorNotSupported) return err;
+    }
+    const int chunks = overrides().chunks > 0 ? overrides().chunks : kMaxChunks;
+    const int64_t chunked = std::min<int64_t>(static_cast<int64_t>(kMaxCols) * chunks, batch - b0);
+    if (direct && chunked > kMaxCols && !others_forced) {
+      p.batch = static_cast<int32_t>(chunked);
       int cols_done = 0;
       err = launch_direct_any(p, dmask, device, stream, &cols_done);
       if (err == cudaSuccess) {
