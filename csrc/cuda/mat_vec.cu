@@ -1610,8 +1610,10 @@ cudaError_t launch_direct_any(Params& p, int dmask, int device, cudaStream_t str
 //     the Q4_K min product's TF32 parts, Q4_0's s_x): a warp reads a chunk's DirectAct with 22
 //     shared loads instead of the direct kernel's global loads, shuffles and dp4a sums;
 //   * each warp stages its tile's item of the next K steps (a ring of 2-3 slots, the first issued
-//     before the PDL wait) and computes it against every chunk with the direct kernel's item
-//     functions, so the results are those functions' (tested against gguf-py) summed over K;
+//     before the PDL wait) and computes it against every chunk: Q4_K items unpack each A fragment
+//     once for all chunks (wide_q4k_item), Q6_K and Q4_0 items go through the direct kernel's item
+//     functions once per chunk; the chunk count (1, 2, 4, 8) is a template parameter, so the sums
+//     stay in registers;
 //   * K is split over a cluster of `split` CTAs (sm_90, distributed shared memory) so that layers of
 //     few row groups still fill the SMs (QKV 4096: 48 groups, 4 CTAs per cluster); at the end every
 //     CTA puts its sums in its shared memory and each CTA of the cluster adds a share of the outputs
@@ -1686,7 +1688,102 @@ __device__ __forceinline__ void wide_store(const WideParams& p, int tile, int ch
   }
 }
 
+// One K step's activations in shared memory, as the prep phase of mat_vec_wide_kernel leaves them.
+struct WideAct {
+  const uint2* frag;    // [chunk][block][lane]: the lane's B fragment words of the block
+  const float* dx;      // [block][column]: d_x
+  const uint32_t* mbh;  // [block][column]: the Q4_K min product's column factor d_x * sumq, TF32 hi part
+  const uint32_t* mbl;  //   ... and lo part
+  const float* sx;      // [block][column]: s_x (Q4_0)
+  int cols8;            // columns of the tables: 8 per chunk
+};
+
+// The direct kernel's DirectAct of chunk c, read from the shared tables.
 template <int kMask>
+__device__ __forceinline__ void wide_chunk_act(const WideAct& wa, int c, int lane, DirectAct& act) {
+  const int g = lane >> 2, t = lane & 3;
+  const uint2* fr = wa.frag + c * kStepBlocks * 32 + lane;
+#pragma unroll
+  for (int j = 0; j < kStepBlocks; ++j) {
+    const uint2 v = fr[j * 32];
+    act.b[j][0] = v.x;
+    act.b[j][1] = v.y;
+    const float2 d = *reinterpret_cast<const float2*>(wa.dx + j * wa.cols8 + kMaxCols * c + 2 * t);
+    act.dx0[j] = d.x;
+    act.dx1[j] = d.y;
+  }
+  const int cg = kMaxCols * c + g;
+  if constexpr ((kMask & type_bit(kQ4_K)) != 0) {
+    act.mb_hi[0] = wa.mbh[t * wa.cols8 + cg];
+    act.mb_hi[1] = wa.mbh[(t + 4) * wa.cols8 + cg];
+    act.mb_lo[0] = wa.mbl[t * wa.cols8 + cg];
+    act.mb_lo[1] = wa.mbl[(t + 4) * wa.cols8 + cg];
+  }
+  if constexpr ((kMask & type_bit(kQ4_0)) != 0) {
+    act.sx[0] = __float_as_uint(wa.sx[t * wa.cols8 + cg]);
+    act.sx[1] = __float_as_uint(wa.sx[(t + 4) * wa.cols8 + cg]);
+  }
+}
+
+// A Q4_K item against kChunks chunks, added into acc: compute_q4k_item's arithmetic with the loops
+// turned around, so each A fragment is unpacked once for every chunk (not once per chunk) and each
+// sub-block's MMAs of all chunks are independent. d multiplies each term here (the per-item form
+// multiplies the item's sum once), so every element and sub-block costs one instruction more.
+template <int kChunks>
+__device__ __forceinline__ void wide_q4k_item(const uint8_t* slot, const WideAct& wa, int lane,
+                                              float (&acc)[kChunks][4]) {
+  const int g = lane >> 2, t = lane & 3;
+  const uint8_t* r0 = slot + g * kDirectRowStride;
+  const uint8_t* r1 = r0 + 8 * kDirectRowStride;
+  const uint4 h0 = *reinterpret_cast<const uint4*>(r0), h1 = *reinterpret_cast<const uint4*>(r1);
+  uint32_t sc0[2], m0[2], sc1[2], m1[2];
+  unpack_k_scales(h0, sc0, m0);
+  unpack_k_scales(h1, sc1, m1);
+  const float d0 = h2f(h0.x), d1 = h2f(h1.x);
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const uint2 q0 = *reinterpret_cast<const uint2*>(r0 + 16 + 32 * c + 8 * t);
+    const uint2 q1 = *reinterpret_cast<const uint2*>(r1 + 16 + 32 * c + 8 * t);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int j = 2 * c + h;
+      const uint32_t a[4] = {(q0.x >> (4 * h)) & kNibbles, (q1.x >> (4 * h)) & kNibbles,
+                             (q0.y >> (4 * h)) & kNibbles, (q1.y >> (4 * h)) & kNibbles};
+      const int s0 = byte_u(sc0[j >> 2], j & 3), s1 = byte_u(sc1[j >> 2], j & 3);
+#pragma unroll
+      for (int ch = 0; ch < kChunks; ++ch) {
+        const uint2 b = wa.frag[(ch * kStepBlocks + j) * 32 + lane];
+        const float2 dx = *reinterpret_cast<const float2*>(wa.dx + j * wa.cols8 + kMaxCols * ch + 2 * t);
+        int cc[4];
+        mma_k32_z(cc, a, b.x, b.y);
+        acc[ch][0] = fmaf(i2f_exact(cc[0] * s0) * dx.x, d0, acc[ch][0]);
+        acc[ch][1] = fmaf(i2f_exact(cc[1] * s0) * dx.y, d0, acc[ch][1]);
+        acc[ch][2] = fmaf(i2f_exact(cc[2] * s1) * dx.x, d1, acc[ch][2]);
+        acc[ch][3] = fmaf(i2f_exact(cc[3] * s1) * dx.y, d1, acc[ch][3]);
+      }
+    }
+  }
+  // The mins, as in compute_q4k_item: A = m of rows g, g + 8 at sub-blocks t, t + 4.
+  const uint32_t m_sel = 0x7650u + static_cast<uint32_t>(t);
+  const uint32_t am[4] = {__float_as_uint(__uint_as_float(__byte_perm(m0[0], 0x4B000000u, m_sel)) - 8388608.0f),
+                          __float_as_uint(__uint_as_float(__byte_perm(m1[0], 0x4B000000u, m_sel)) - 8388608.0f),
+                          __float_as_uint(__uint_as_float(__byte_perm(m0[1], 0x4B000000u, m_sel)) - 8388608.0f),
+                          __float_as_uint(__uint_as_float(__byte_perm(m1[1], 0x4B000000u, m_sel)) - 8388608.0f)};
+  const float dmin0 = h2f(h0.x >> 16), dmin1 = h2f(h1.x >> 16);
+#pragma unroll
+  for (int ch = 0; ch < kChunks; ++ch) {
+    const int cg = kMaxCols * ch + g;
+    float accm[4] = {0.f, 0.f, 0.f, 0.f};
+    mma_tf32(accm, am, wa.mbh[t * wa.cols8 + cg], wa.mbh[(t + 4) * wa.cols8 + cg]);
+    mma_tf32(accm, am, wa.mbl[t * wa.cols8 + cg], wa.mbl[(t + 4) * wa.cols8 + cg]);
+    acc[ch][0] = fmaf(-dmin0, accm[0], acc[ch][0]);
+    acc[ch][1] = fmaf(-dmin0, accm[1], acc[ch][1]);
+    acc[ch][2] = fmaf(-dmin1, accm[2], acc[ch][2]);
+    acc[ch][3] = fmaf(-dmin1, accm[3], acc[ch][3]);
+  }
+}
+
+template <int kMask, int kChunks>
 __global__ void __launch_bounds__(kWideThreads, 2) mat_vec_wide_kernel(const __grid_constant__ WideParams p) {
   extern __shared__ __align__(16) uint8_t smem[];
   allow_dependent_launch();
@@ -1698,8 +1795,8 @@ __global__ void __launch_bounds__(kWideThreads, 2) mat_vec_wide_kernel(const __g
   const int tile = (blockIdx.x / split) * kWideWarps + warp;
   const bool has_tile = tile < p.total_tiles;
   const int s_begin = rank * p.steps / split, s_end = (rank + 1) * p.steps / split;
-  const int cols8 = p.chunks * kMaxCols;
-  const WideSmem sm = wide_smem(p.slots, p.slot_bytes, p.batch, p.chunks);
+  constexpr int cols8 = kChunks * kMaxCols;
+  const WideSmem sm = wide_smem(p.slots, p.slot_bytes, p.batch, kChunks);
   uint8_t* ring = smem + static_cast<size_t>(warp) * p.slots * p.slot_bytes;
   uint8_t* raw = smem + sm.raw;
   uint2* frag = reinterpret_cast<uint2*>(smem + sm.frag);
@@ -1751,9 +1848,10 @@ __global__ void __launch_bounds__(kWideThreads, 2) mat_vec_wide_kernel(const __g
   issue_x(s_begin);
   for (int a = 1; a < p.slots - 1; ++a) issue_weights(s_begin + a);
 
-  float acc[kMaxChunks][4];
+  float acc[kChunks][4];
 #pragma unroll
-  for (int c = 0; c < kMaxChunks; ++c) acc[c][0] = acc[c][1] = acc[c][2] = acc[c][3] = 0.f;
+  for (int c = 0; c < kChunks; ++c) acc[c][0] = acc[c][1] = acc[c][2] = acc[c][3] = 0.f;
+  const WideAct wa{frag, dxf, mbh, mbl, sxf, cols8};
 
   for (int s = s_begin; s < s_end; ++s) {
     cp_async_wait_dyn(p.slots - 2);
@@ -1786,43 +1884,19 @@ __global__ void __launch_bounds__(kWideThreads, 2) mat_vec_wide_kernel(const __g
     issue_weights(s + p.slots - 1);
     if (has_tile) {
       const uint8_t* slot = ring + ((s - s_begin) % p.slots) * p.slot_bytes;
-      const int o0 = q6k ? q6k_row_offset(dt, s, g) : 0, o1 = q6k ? q6k_row_offset(dt, s, g + 8) : 0;
+      if (kMask != kDirectQ4_0 && !q6k) {
+        wide_q4k_item<kChunks>(slot, wa, lane, acc);
+      } else {
+        const int o0 = q6k ? q6k_row_offset(dt, s, g) : 0, o1 = q6k ? q6k_row_offset(dt, s, g + 8) : 0;
 #pragma unroll
-      for (int c = 0; c < kMaxChunks; ++c) {
-        if (c < p.chunks) {
+        for (int c = 0; c < kChunks; ++c) {
           DirectAct act;
-          const uint2* fr = frag + c * kStepBlocks * 32 + lane;
-#pragma unroll
-          for (int j = 0; j < kStepBlocks; ++j) {
-            const uint2 v = fr[j * 32];
-            act.b[j][0] = v.x;
-            act.b[j][1] = v.y;
-            const float2 d = *reinterpret_cast<const float2*>(dxf + j * cols8 + kMaxCols * c + 2 * t);
-            act.dx0[j] = d.x;
-            act.dx1[j] = d.y;
-          }
-          const int cg = kMaxCols * c + g;
-          if constexpr ((kMask & type_bit(kQ4_K)) != 0) {
-            act.mb_hi[0] = mbh[t * cols8 + cg];
-            act.mb_hi[1] = mbh[(t + 4) * cols8 + cg];
-            act.mb_lo[0] = mbl[t * cols8 + cg];
-            act.mb_lo[1] = mbl[(t + 4) * cols8 + cg];
-          }
-          if constexpr ((kMask & type_bit(kQ4_0)) != 0) {
-            act.sx[0] = __float_as_uint(sxf[t * cols8 + cg]);
-            act.sx[1] = __float_as_uint(sxf[(t + 4) * cols8 + cg]);
-          }
+          wide_chunk_act<kMask>(wa, c, lane, act);
           float r[4];
           if constexpr (kMask == kDirectQ4_0) {
             compute_q4_0_item(slot, act, lane, r);
-          } else if constexpr (kMask == kDirectQ4K) {
-            compute_q4k_item(slot, act, lane, r);
           } else {
-            if (q6k) {
-              compute_q6k_item(slot, o0, o1, act, lane, r);
-            } else {
-              compute_q4k_item(slot, act, lane, r);
-            }
+            compute_q6k_item(slot, o0, o1, act, lane, r);
           }
 #pragma unroll
           for (int e = 0; e < 4; ++e) acc[c][e] += r[e];
@@ -1835,9 +1909,7 @@ __global__ void __launch_bounds__(kWideThreads, 2) mat_vec_wide_kernel(const __g
   if (split == 1) {
     if (has_tile) {
 #pragma unroll
-      for (int c = 0; c < kMaxChunks; ++c) {
-        if (c < p.chunks) wide_store(p, tile, c, lane, make_float4(acc[c][0], acc[c][1], acc[c][2], acc[c][3]));
-      }
+      for (int c = 0; c < kChunks; ++c) wide_store(p, tile, c, lane, make_float4(acc[c][0], acc[c][1], acc[c][2], acc[c][3]));
     }
     return;
   }
@@ -1846,16 +1918,14 @@ __global__ void __launch_bounds__(kWideThreads, 2) mat_vec_wide_kernel(const __g
   __syncthreads();  // every warp is done with its slots
   float4* red = reinterpret_cast<float4*>(smem);
 #pragma unroll
-  for (int c = 0; c < kMaxChunks; ++c) {
-    if (c < p.chunks) red[(warp * p.chunks + c) * 32 + lane] = make_float4(acc[c][0], acc[c][1], acc[c][2], acc[c][3]);
-  }
+  for (int c = 0; c < kChunks; ++c) red[(warp * kChunks + c) * 32 + lane] = make_float4(acc[c][0], acc[c][1], acc[c][2], acc[c][3]);
   cluster_sync_all();
-  const int entries = kWideWarps * p.chunks * 32;
+  constexpr int entries = kWideWarps * kChunks * 32;
   const int e0 = rank * entries / split, e1 = (rank + 1) * entries / split;
   const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(red));
   const int tile0 = (blockIdx.x / split) * kWideWarps;
   for (int e = e0 + static_cast<int>(threadIdx.x); e < e1; e += kWideThreads) {
-    const int wc = e >> 5, w = wc / p.chunks, c = wc - w * p.chunks;
+    const int wc = e >> 5, w = wc / kChunks, c = wc - w * kChunks;
     if (tile0 + w >= p.total_tiles) continue;
     float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int q = 0; q < split; ++q) {
@@ -1873,7 +1943,7 @@ struct WideFit {
   int per_sm;
   int cluster_ok;
 };
-template <int kMask>
+template <int kMask, int kChunks>
 WideFit wide_fit(int device, size_t smem) {
   struct Entry {
     int device;
@@ -1885,7 +1955,7 @@ WideFit wide_fit(int device, size_t smem) {
   for (int i = 0; i < used; ++i) {
     if (cache[i].device == device && cache[i].smem == smem) return cache[i].fit;
   }
-  auto* kernel = mat_vec_wide_kernel<kMask>;
+  auto* kernel = mat_vec_wide_kernel<kMask, kChunks>;
   WideFit fit{0, 0};
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit.per_sm, kernel, kWideThreads, smem) != cudaSuccess) {
     (void)cudaGetLastError();
@@ -1922,7 +1992,7 @@ WideFit wide_fit(int device, size_t smem) {
 // The K split: as many CTAs per cluster as fill the resident CTA slots (up to 8 and the steps), then
 // the fewest that keep the same steps per CTA (QKV 4096 -> 6144: 48 groups, 264 slots on 132 SMs,
 // 5 -> 4 CTAs of 4 steps); one on GPUs without clusters. GGFUSE_MV_WIDE_SPLIT=N forces N.
-template <int kMask>
+template <int kMask, int kChunks>
 cudaError_t launch_wide(const Params& p, int device, cudaStream_t stream, int* cols_done) {
   if ((reinterpret_cast<uintptr_t>(p.x) & 15u) != 0 || p.steps <= 0) return cudaErrorNotSupported;
   WideParams w{};
@@ -1944,8 +2014,8 @@ cudaError_t launch_wide(const Params& p, int device, cudaStream_t stream, int* c
   w.total_tiles = p.total_tiles;
   w.steps = p.steps;
   w.n_out = p.n_out;
-  w.batch = std::min(p.batch, kWideMaxCols);
-  w.chunks = (w.batch + kMaxCols - 1) / kMaxCols;
+  w.batch = std::min(p.batch, kMaxCols * kChunks);
+  w.chunks = kChunks;
   w.slot_bytes = direct_slot_bytes(kMask);
   const int sms = std::max(1, device_attribute(device, cudaDevAttrMultiProcessorCount));
   const int smem_optin = device_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
@@ -1959,15 +2029,15 @@ cudaError_t launch_wide(const Params& p, int device, cudaStream_t stream, int* c
     smem = wide_smem(w.slots, w.slot_bytes, w.batch, w.chunks).total;
   }
   if (smem > static_cast<size_t>(smem_optin)) return cudaErrorNotSupported;
-  auto* kernel = mat_vec_wide_kernel<kMask>;
-  static int smem_set[64] = {};  // per device: the dynamic shared memory limit raised
+  auto* kernel = mat_vec_wide_kernel<kMask, kChunks>;
+  static int smem_set[64] = {};  // per device (and instance): the dynamic shared memory limit raised
   if (smem > 48 * 1024 && (device >= 64 || smem_set[device] < static_cast<int>(smem))) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                  static_cast<int>(smem));
     if (err != cudaSuccess) return err;
     if (device < 64) smem_set[device] = static_cast<int>(smem);
   }
-  const WideFit fit = wide_fit<kMask>(device, smem);
+  const WideFit fit = wide_fit<kMask, kChunks>(device, smem);
   if (fit.per_sm <= 0) return cudaErrorNotSupported;
   const int groups = (w.total_tiles + kWideWarps - 1) / kWideWarps;
   const int cap = std::min(kWideMaxSplit, w.steps);
@@ -1985,10 +2055,19 @@ cudaError_t launch_wide(const Params& p, int device, cudaStream_t stream, int* c
   return launch_kernel_clustered(split, kernel, dim3(groups * split), dim3(kWideThreads), smem, stream, w);
 }
 
+// The instance by batch chunks: 1, 2, 4 or 8 of 8 rows (the unused columns of the last chunk repeat
+// the batch's last row and are not stored).
+template <int kMask>
+cudaError_t launch_wide_chunks(const Params& p, int device, cudaStream_t stream, int* cols_done) {
+  return p.batch <= kMaxCols       ? launch_wide<kMask, 1>(p, device, stream, cols_done)
+         : p.batch <= 2 * kMaxCols ? launch_wide<kMask, 2>(p, device, stream, cols_done)
+         : p.batch <= 4 * kMaxCols ? launch_wide<kMask, 4>(p, device, stream, cols_done)
+                                   : launch_wide<kMask, 8>(p, device, stream, cols_done);
+}
 cudaError_t launch_wide_any(const Params& p, int dmask, int device, cudaStream_t stream, int* cols_done) {
-  return dmask == kDirectQ4K    ? launch_wide<kDirectQ4K>(p, device, stream, cols_done)
-         : dmask == kDirectQ4_0 ? launch_wide<kDirectQ4_0>(p, device, stream, cols_done)
-                                : launch_wide<kDirectKQuants>(p, device, stream, cols_done);
+  return dmask == kDirectQ4K    ? launch_wide_chunks<kDirectQ4K>(p, device, stream, cols_done)
+         : dmask == kDirectQ4_0 ? launch_wide_chunks<kDirectQ4_0>(p, device, stream, cols_done)
+                                : launch_wide_chunks<kDirectKQuants>(p, device, stream, cols_done);
 }
 
 cudaError_t launch_any(Params& p, int types, int device, cudaStream_t stream) {
