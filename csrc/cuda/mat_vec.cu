@@ -1789,7 +1789,7 @@ __global__ void __launch_bounds__(kWideThreads, 2) mat_vec_wide_kernel(const __g
   allow_dependent_launch();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
+  const int g = lane >> 2;
   const int split = p.split;
   const int rank = blockIdx.x % split;  // == the cluster rank: clusters are `split` consecutive CTAs
   const int tile = (blockIdx.x / split) * kWideWarps + warp;
@@ -1937,11 +1937,11 @@ __global__ void __launch_bounds__(kWideThreads, 2) mat_vec_wide_kernel(const __g
   cluster_sync_all();  // no CTA leaves while another still reads its shared memory
 }
 
-// Occupancy facts of a wide kernel instance per (device, dynamic shared memory): CTAs per SM, and
-// which cluster sizes can be resident at all (bit n: clusters of n). Cached: launches ask every call.
+// Occupancy facts of a wide kernel instance per (device, dynamic shared memory): how many clusters of
+// n CTAs can be resident at once (n = 1: CTAs per SM x SMs; n > 1 from the occupancy API, sm_90,
+// which knows how CTAs of a cluster must share a GPC). Cached: launches ask every call.
 struct WideFit {
-  int per_sm;
-  int cluster_ok;
+  int resident[kWideMaxSplit + 1];
 };
 template <int kMask, int kChunks>
 WideFit wide_fit(int device, size_t smem) {
@@ -1956,11 +1956,13 @@ WideFit wide_fit(int device, size_t smem) {
     if (cache[i].device == device && cache[i].smem == smem) return cache[i].fit;
   }
   auto* kernel = mat_vec_wide_kernel<kMask, kChunks>;
-  WideFit fit{0, 0};
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit.per_sm, kernel, kWideThreads, smem) != cudaSuccess) {
+  WideFit fit{};
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWideThreads, smem) != cudaSuccess) {
     (void)cudaGetLastError();
-    fit.per_sm = 0;
+    per_sm = 0;
   }
+  fit.resident[1] = per_sm * std::max(1, device_attribute(device, cudaDevAttrMultiProcessorCount));
   if (device_attribute(device, cudaDevAttrComputeCapabilityMajor) >= 9) {
     for (int n = 2; n <= kWideMaxSplit; ++n) {
       cudaLaunchConfig_t cfg{};
@@ -1975,11 +1977,11 @@ WideFit wide_fit(int device, size_t smem) {
       cfg.attrs = a;
       cfg.numAttrs = 1;
       int clusters = 0;
-      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0) {
-        fit.cluster_ok |= 1 << n;
-      } else {
+      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
         (void)cudaGetLastError();
+        clusters = 0;
       }
+      fit.resident[n] = clusters;
     }
   }
   if (used < 32) cache[used++] = Entry{device, smem, fit};
@@ -1989,9 +1991,11 @@ WideFit wide_fit(int device, size_t smem) {
 // Launches the wide kernel for min(p.batch, 64) rows of p (fill_params'd, K a multiple of 256, the
 // direct kernel's types); *cols_done: the rows it took. NotSupported, having launched nothing, where
 // x is not 16-byte aligned or the shared memory does not fit.
-// The K split: as many CTAs per cluster as fill the resident CTA slots (up to 8 and the steps), then
-// the fewest that keep the same steps per CTA (QKV 4096 -> 6144: 48 groups, 264 slots on 132 SMs,
-// 5 -> 4 CTAs of 4 steps); one on GPUs without clusters. GGFUSE_MV_WIDE_SPLIT=N forces N.
+// The K split (CTAs per cluster, up to 8 and the steps): the one whose waves x steps per CTA is least
+// (QKV 4096 -> 6144: 48 groups of 8 tiles, 16 steps: 4 CTAs of 4 steps); one on GPUs without
+// clusters. Counting waves matters: at 1015551 the split filled the CTA slots but not the clusters'
+// (QKV 8192 at B = 16: 80 clusters of 3, 11 steps each, 47.7 us against 39.6 for the direct kernel).
+// GGFUSE_MV_WIDE_SPLIT=N forces N (or the largest below it that can be resident).
 template <int kMask, int kChunks>
 cudaError_t launch_wide(const Params& p, int device, cudaStream_t stream, int* cols_done) {
   if ((reinterpret_cast<uintptr_t>(p.x) & 15u) != 0 || p.steps <= 0) return cudaErrorNotSupported;
@@ -2038,18 +2042,27 @@ cudaError_t launch_wide(const Params& p, int device, cudaStream_t stream, int* c
     if (device < 64) smem_set[device] = static_cast<int>(smem);
   }
   const WideFit fit = wide_fit<kMask, kChunks>(device, smem);
-  if (fit.per_sm <= 0) return cudaErrorNotSupported;
+  if (fit.resident[1] <= 0) return cudaErrorNotSupported;
   const int groups = (w.total_tiles + kWideWarps - 1) / kWideWarps;
   const int cap = std::min(kWideMaxSplit, w.steps);
   int split = 1;
   if (overrides().wide_split > 0) {
     split = std::min(overrides().wide_split, cap);
+    while (split > 1 && fit.resident[split] <= 0) --split;
   } else {
-    split = std::clamp(fit.per_sm * sms / groups, 1, cap);
-    const int per_cta = (w.steps + split - 1) / split;
-    while (split > 1 && (w.steps + split - 2) / (split - 1) == per_cta) --split;
+    // Each cluster size's waves (groups over the clusters resident at once) times its steps per CTA:
+    // the least, ties to fewer CTAs per cluster.
+    int64_t best = INT64_MAX;
+    for (int n = 1; n <= cap; ++n) {
+      if (fit.resident[n] <= 0) continue;
+      const int64_t waves = (groups + fit.resident[n] - 1) / fit.resident[n];
+      const int64_t cost = waves * ((w.steps + n - 1) / n);
+      if (cost < best) {
+        best = cost;
+        split = n;
+      }
+    }
   }
-  while (split > 1 && (fit.cluster_ok & (1 << split)) == 0) --split;
   w.split = split;
   *cols_done = w.batch;
   return launch_kernel_clustered(split, kernel, dim3(groups * split), dim3(kWideThreads), smem, stream, w);
