@@ -114,7 +114,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     if [ -n "${VARIANTS:-}" ] && [[ " $VARIANTS " != *" $1 "* ]]; then return 0; fi
     stage_start
     # shellcheck disable=SC2086
-    (cd /tmp && env $2 GGFUSE_REQUIRE_CUDA=1 timeout 180 python3 -m pytest "$REPO/tests/test_cuda.py" \
+    (cd /tmp && env $2 GGFUSE_REQUIRE_CUDA=1 timeout 300 python3 -m pytest "$REPO/tests/test_cuda.py" \
        -q -p no:cacheprovider -rfE -k "$3" >>"$OUT/pytest.log" 2>&1)
     local rc=$?
     grep -E "passed|failed" "$OUT/pytest.log" | tail -1 | tee -a "$SUMMARY"

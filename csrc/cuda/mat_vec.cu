@@ -1622,6 +1622,7 @@ constexpr int kWideWarps = 8;                              // tiles (of 16 rows)
 constexpr int kWideThreads = kWideWarps * 32;
 constexpr int kWideMaxCols = kMaxCols * kMaxChunks;        // batch rows per launch (64)
 constexpr int kWideMaxSplit = 8;                           // CTAs per cluster (the portable limit)
+constexpr double kWideSplitOverhead = 4.0;                // launch_wide's cost model: a CTA's fixed cost in steps
 constexpr int kStepActBytes = kStepBlocks * static_cast<int>(sizeof(BlockQ8_1));  // 288: 16-byte granules
 
 struct WideSeg {
@@ -1991,11 +1992,12 @@ WideFit wide_fit(int device, size_t smem) {
 // Launches the wide kernel for min(p.batch, 64) rows of p (fill_params'd, K a multiple of 256, the
 // direct kernel's types); *cols_done: the rows it took. NotSupported, having launched nothing, where
 // x is not 16-byte aligned or the shared memory does not fit.
-// The K split (CTAs per cluster, up to 8 and the steps): the one whose waves x steps per CTA is least
-// (QKV 4096 -> 6144: 48 groups of 8 tiles, 16 steps: 4 CTAs of 4 steps); one on GPUs without
-// clusters. Counting waves matters: at 1015551 the split filled the CTA slots but not the clusters'
-// (QKV 8192 at B = 16: 80 clusters of 3, 11 steps each, 47.7 us against 39.6 for the direct kernel).
-// GGFUSE_MV_WIDE_SPLIT=N forces N (or the largest below it that can be resident).
+// The K split (CTAs per cluster, up to 8 and the steps; one on GPUs without clusters): the least of
+// a cost model fitted to the H200's forced splits (docs/PERFORMANCE.md v20; mat-vec alone, Q4_K,
+// split 1 / 2 / 3 / 4 / 8, us): QKV 4096 B = 64 100.6 / 74.3 / - / 40.1 / 43.9; QKV 8192 B = 16
+// 78.7 / 42.3 / 47.9 / 37.2 / 39.2, B = 64 230.1 / 126.3 / 131.5 / 99.0 / 100.8; gate|up B = 16
+// 41.4 / 45.6 / 52.2 / 50.7 / 60.7, B = 64 124.9 / 129.1 / 143.7 / 132.6 / 137.3. The model picks 4,
+// 4 and 1 for these. GGFUSE_MV_WIDE_SPLIT=N forces N (or the largest below it that can be resident).
 template <int kMask, int kChunks>
 cudaError_t launch_wide(const Params& p, int device, cudaStream_t stream, int* cols_done) {
   if ((reinterpret_cast<uintptr_t>(p.x) & 15u) != 0 || p.steps <= 0) return cudaErrorNotSupported;
@@ -2050,14 +2052,16 @@ cudaError_t launch_wide(const Params& p, int device, cudaStream_t stream, int* c
     split = std::min(overrides().wide_split, cap);
     while (split > 1 && fit.resident[split] <= 0) --split;
   } else {
-    // Each cluster size's waves (groups over the clusters resident at once) times its steps per CTA:
-    // the least, ties to fewer CTAs per cluster.
-    int64_t best = INT64_MAX;
+    // Each cluster size's time in units of one step of one CTA: its steps per CTA plus a fixed cost
+    // of kWideSplitOverhead steps (the prologue, the last step's wait, the reduction), times the
+    // groups over the clusters resident at once where they are more (not rounded up to waves:
+    // shorter CTAs fill in as others leave). The least; ties to fewer CTAs per cluster.
+    double best = 1e300;
     for (int n = 1; n <= cap; ++n) {
       if (fit.resident[n] <= 0) continue;
-      const int64_t waves = (groups + fit.resident[n] - 1) / fit.resident[n];
-      const int64_t cost = waves * ((w.steps + n - 1) / n);
-      if (cost < best) {
+      const double load = std::max(1.0, static_cast<double>(groups) / fit.resident[n]);
+      const double cost = (static_cast<double>((w.steps + n - 1) / n) + kWideSplitOverhead) * load;
+      if (cost < best * (1.0 - 1e-9)) {
         best = cost;
         split = n;
       }
