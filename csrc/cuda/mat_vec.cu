@@ -1997,7 +1997,7 @@ WideFit wide_fit(int device, size_t smem) {
 // split 1 / 2 / 3 / 4 / 8, us): QKV 4096 B = 64 100.6 / 74.3 / - / 40.1 / 43.9; QKV 8192 B = 16
 // 78.7 / 42.3 / 47.9 / 37.2 / 39.2, B = 64 230.1 / 126.3 / 131.5 / 99.0 / 100.8; gate|up B = 16
 // 41.4 / 45.6 / 52.2 / 50.7 / 60.7, B = 64 124.9 / 129.1 / 143.7 / 132.6 / 137.3. The model picks 4,
-// 4 and 1 for these. GGFUSE_MV_WIDE_SPLIT=N forces N (or the largest below it that can be resident).
+// 4 and 1 for these (and 8 for QKV 2048, 4 for 5120). GGFUSE_MV_WIDE_SPLIT=N forces N (or the largest below it that can be resident).
 template <int kMask, int kChunks>
 cudaError_t launch_wide(const Params& p, int device, cudaStream_t stream, int* cols_done) {
   if ((reinterpret_cast<uintptr_t>(p.x) & 15u) != 0 || p.steps <= 0) return cudaErrorNotSupported;
@@ -2054,12 +2054,15 @@ cudaError_t launch_wide(const Params& p, int device, cudaStream_t stream, int* c
   } else {
     // Each cluster size's time in units of one step of one CTA: its steps per CTA plus a fixed cost
     // of kWideSplitOverhead steps (the prologue, the last step's wait, the reduction), times the
-    // groups over the clusters resident at once where they are more (not rounded up to waves:
-    // shorter CTAs fill in as others leave). The least; ties to fewer CTAs per cluster.
+    // groups over the clusters that fit the CTA slots where they are more (not rounded up to waves:
+    // shorter CTAs fill in as others leave). The least; ties to fewer CTAs per cluster. (The
+    // occupancy API's resident clusters only rule sizes out: with them in the load, QKV 8192 got
+    // 3 CTAs per cluster, 47.6 us at B = 16, where 4 measured 37.2.) Powers of two only: 3 CTAs
+    // per cluster measured slower than 2 and 4 there.
     double best = 1e300;
-    for (int n = 1; n <= cap; ++n) {
+    for (int n = 1; n <= cap; n *= 2) {
       if (fit.resident[n] <= 0) continue;
-      const double load = std::max(1.0, static_cast<double>(groups) / fit.resident[n]);
+      const double load = std::max(1.0, static_cast<double>(groups) * n / fit.resident[1]);
       const double cost = (static_cast<double>((w.steps + n - 1) / n) + kWideSplitOverhead) * load;
       if (cost < best * (1.0 - 1e-9)) {
         best = cost;
