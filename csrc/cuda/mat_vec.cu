@@ -27,9 +27,10 @@
 //   * rms_norm_mat_vec_q8_1 can also run the norm inside this kernel (every CTA quantizes x into
 //     shared memory, in the standalone norm kernel's order); with PDL the separate norm kernel
 //     measured faster, so that is behind GGFUSE_FUSED_NORM=1.
-// Batches above 8 are processed 8 rows per launch; the direct kernel (below) takes up to 64 rows per
-// launch, each weight item it stages computed against every 8-row chunk, where each of its warps has
-// one item (launch_direct: elsewhere it measured slower). Chunks of <= 2 rows of Q4_K-only weights go to the
+// Batches above 8 rows of the weights the direct kernel takes go to mat_vec_wide_kernel (below), up to
+// 64 rows per launch; other weights are processed 8 rows per launch (with GGFUSE_MV_WIDE=0 the direct
+// kernel takes up to 64 rows per launch, each weight item it stages computed against every 8-row
+// chunk, where each of its warps has one item: launch_direct). Chunks of <= 2 rows of Q4_K-only weights go to the
 // dp4a kernel instead (mat_vec_dp4a.cu), where it measured faster (as do chunks of <= 4 rows with a
 // 2-byte aligned type that the direct kernel does not take). Other chunks of weights made of Q4_K and Q6_K, or of Q4_0 alone, with K a
 // multiple of 256, run mat_vec_direct_kernel: the same work split and MMA, with fragments read at the
@@ -200,6 +201,23 @@ __host__ __device__ __forceinline__ size_t partial_slot(int32_t tl, int kg, int 
   return (static_cast<size_t>(tl) * kg + kw) * nc + chunk;
 }
 
+// Stores lane `lane`'s C fragment of batch chunk `chunk` for a tile starting at row `row0` of a segment
+// of `rows` rows whose outputs start at o: rows g, g + 8, columns 8 chunk + 2t, + 1 (those inside).
+__device__ __forceinline__ void store_c_fragment(float* o, int32_t row0, int32_t rows, int chunk, int lane,
+                                                 int batch, int64_t n_out, float4 v) {
+  const int g = lane >> 2, t = lane & 3;
+  const int32_t ra = row0 + g, rb = ra + 8;
+  const int ca = kMaxCols * chunk + 2 * t, cb = ca + 1;
+  if (ra < rows) {
+    if (ca < batch) o[static_cast<int64_t>(ca) * n_out + ra] = v.x;
+    if (cb < batch) o[static_cast<int64_t>(cb) * n_out + ra] = v.y;
+  }
+  if (rb < rows) {
+    if (ca < batch) o[static_cast<int64_t>(ca) * n_out + rb] = v.z;
+    if (cb < batch) o[static_cast<int64_t>(cb) * n_out + rb] = v.w;
+  }
+}
+
 // Sums each tile's K-group partials (float4 per lane in C-fragment order) in group order and stores
 // the tile's 16 rows x batch columns (each batch chunk's). Called after a __syncthreads that follows
 // the last partial write.
@@ -218,18 +236,7 @@ __device__ __forceinline__ void store_tiles(const Params& p, const TileInfo* til
     }
     const TileInfo ti = tiles[tl];
     const SegDesc& sd = p.seg[ti.seg];
-    const int gg = ln >> 2, tt = ln & 3;
-    const int32_t ra = ti.row0 + gg, rb = ti.row0 + gg + 8;
-    const int ca = kMaxCols * chunk + 2 * tt, cb = ca + 1;
-    float* o = p.out + sd.col_begin;
-    if (ra < sd.rows) {
-      if (ca < p.batch) o[static_cast<int64_t>(ca) * p.n_out + ra] = sum.x;
-      if (cb < p.batch) o[static_cast<int64_t>(cb) * p.n_out + ra] = sum.y;
-    }
-    if (rb < sd.rows) {
-      if (ca < p.batch) o[static_cast<int64_t>(ca) * p.n_out + rb] = sum.z;
-      if (cb < p.batch) o[static_cast<int64_t>(cb) * p.n_out + rb] = sum.w;
-    }
+    store_c_fragment(p.out + sd.col_begin, ti.row0, sd.rows, chunk, ln, p.batch, p.n_out, sum);
   }
 }
 
@@ -1675,18 +1682,8 @@ __device__ __forceinline__ void wide_store(const WideParams& p, int tile, int ch
   int s = 0;
   while (s + 1 < p.n_seg && tile >= p.seg[s + 1].tile_begin) ++s;
   const WideSeg& sd = p.seg[s];
-  const int g = lane >> 2, t = lane & 3;
-  const int32_t ra = (tile - sd.tile_begin) * kTileRows + g, rb = ra + 8;
-  const int ca = kMaxCols * chunk + 2 * t, cb = ca + 1;
-  float* o = p.out + sd.col_begin;
-  if (ra < sd.rows) {
-    if (ca < p.batch) o[static_cast<int64_t>(ca) * p.n_out + ra] = v.x;
-    if (cb < p.batch) o[static_cast<int64_t>(cb) * p.n_out + ra] = v.y;
-  }
-  if (rb < sd.rows) {
-    if (ca < p.batch) o[static_cast<int64_t>(ca) * p.n_out + rb] = v.z;
-    if (cb < p.batch) o[static_cast<int64_t>(cb) * p.n_out + rb] = v.w;
-  }
+  store_c_fragment(p.out + sd.col_begin, (tile - sd.tile_begin) * kTileRows, sd.rows, chunk, lane, p.batch,
+                   p.n_out, v);
 }
 
 // One K step's activations in shared memory, as the prep phase of mat_vec_wide_kernel leaves them.
