@@ -16,7 +16,8 @@
 #   GGFUSE_BUILD_CXX (host compiler for the build; on the lent image CXX=/opt/gcc/bin/g++ produced a
 #   _C.so that crashed formatting error messages, /usr/bin/g++ did not),
 #   PROBE=1 (benchmarks/graph_probe.py: how a torch-captured chain's time splits),
-#   PYTEST_ARGS (extra pytest arguments), GGFUSE_CUDA_ARCHS (default 90), VARIANTS (the names of the
+#   PYTEST_ARGS (extra pytest arguments, split at spaces), PYTEST_K (a -k expression, which may have
+#   spaces: "wide or graph"), GGFUSE_CUDA_ARCHS (default 90), VARIANTS (the names of the
 #   off-by-default kernel stages to run, e.g. "pytest-cuda-mma-only"; default all).
 # The carried folders: .whl (gguf wheel) and .testdata (a copy of ../shared/testdata).
 set -u -o pipefail
@@ -93,7 +94,7 @@ fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   stage_start
   (cd /tmp && GGFUSE_REQUIRE_CUDA=1 timeout 300 python3 -m pytest "$REPO/tests/test_cuda.py" -q \
-     -p no:cacheprovider -rfE ${PYTEST_ARGS:-} >"$OUT/pytest.log" 2>&1)
+     -p no:cacheprovider -rfE ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"} >"$OUT/pytest.log" 2>&1)
   rc=$?
   if [ $rc -ge 128 ] || [ $rc = 124 ]; then  # a crash or a hang: which test, and a native backtrace
     crashed=$(grep -oE 'test_cuda.py", line [0-9]+ in test_[a-z0-9_]+' "$OUT/pytest.log" | tail -1 | grep -oE 'test_[a-z0-9_]+$')
