@@ -148,6 +148,26 @@ inline int device_attribute(int device, cudaDeviceAttr attr) {
   return value;
 }
 
+// Raises a kernel's dynamic shared memory limit to `smem` where that is above the default 48 KB and
+// above what this call site raised it to before on the current device (`raised`: the call site's
+// own record, one entry per device). NotSupported where `smem` is above the device's opt-in maximum.
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t smem, int (&raised)[64]) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (smem > static_cast<size_t>(device_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin))) {
+    return cudaErrorNotSupported;
+  }
+  if (device >= 64 || raised[device] < static_cast<int>(smem)) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    if (device < 64) raised[device] = static_cast<int>(smem);
+  }
+  return cudaSuccess;
+}
+
 // An integer knob from the environment (experiments; docs/PERFORMANCE.md lists them), or `fallback`
 // when unset or empty.
 inline int env_int(const char* name, int fallback) {

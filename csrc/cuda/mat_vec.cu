@@ -1417,13 +1417,8 @@ cudaError_t launch_cols(Params& p, int device, cudaStream_t stream) {
   // own prefetched bytes before they are read.
   p.prefetch_cap = ov.prefetch ? static_cast<uint32_t>(std::min<int64_t>(int64_t{1} << 20, static_cast<int64_t>(l2) / 2 / grid)) & ~15u : 0u;
   static int smem_set[64] = {};  // per device and variant: the dynamic shared memory limit raised
-  if (smem > 48 * 1024 && (device >= 64 || smem_set[device] < static_cast<int>(smem))) {
-    const cudaError_t err = cudaFuncSetAttribute(mat_vec_kernel<kCols, kMask>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-    if (device < 64) smem_set[device] = static_cast<int>(smem);
-  }
+  const cudaError_t err = allow_smem(mat_vec_kernel<kCols, kMask>, smem, smem_set);
+  if (err != cudaSuccess) return err;
   return launch_kernel(mat_vec_kernel<kCols, kMask>, dim3(grid), dim3(kThreads), smem, stream, p);
 }
 
@@ -1469,12 +1464,8 @@ template <int kMask, bool kChunked>
 cudaError_t launch_direct_kernel(int device, int grid, size_t smem, cudaStream_t stream, const Params& q) {
   auto* kernel = mat_vec_direct_kernel<kMask, kChunked>;
   static int smem_set[64] = {};  // per device (and instance): the dynamic shared memory limit raised
-  if (smem > 48 * 1024 && (device >= 64 || smem_set[device] < static_cast<int>(smem))) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-    if (device < 64) smem_set[device] = static_cast<int>(smem);
-  }
+  const cudaError_t err = allow_smem(kernel, smem, smem_set);
+  if (err != cudaSuccess) return err;
   return launch_kernel(kernel, dim3(grid), dim3(kThreads), smem, stream, q);
 }
 
@@ -2034,12 +2025,8 @@ cudaError_t launch_wide(const Params& p, int device, cudaStream_t stream, int* c
   if (smem > static_cast<size_t>(smem_optin)) return cudaErrorNotSupported;
   auto* kernel = mat_vec_wide_kernel<kMask, kChunks>;
   static int smem_set[64] = {};  // per device (and instance): the dynamic shared memory limit raised
-  if (smem > 48 * 1024 && (device >= 64 || smem_set[device] < static_cast<int>(smem))) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-    if (device < 64) smem_set[device] = static_cast<int>(smem);
-  }
+  const cudaError_t err = allow_smem(kernel, smem, smem_set);
+  if (err != cudaSuccess) return err;
   const WideFit fit = wide_fit<kMask, kChunks>(device, smem);
   if (fit.resident[1] <= 0) return cudaErrorNotSupported;
   const int groups = (w.total_tiles + kWideWarps - 1) / kWideWarps;

@@ -271,23 +271,6 @@ __global__ void __launch_bounds__(kDpThreads) mat_vec_dp4a_staged_kernel(const D
   }
 }
 
-// Raises a kernel's dynamic shared memory limit to the device's opt-in maximum once per device.
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, size_t smem, int* set_per_device) {
-  if (smem <= 48 * 1024) return cudaSuccess;
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  const int optin = device_attribute(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
-  if (smem > static_cast<size_t>(optin)) return cudaErrorNotSupported;
-  if (device >= 64 || set_per_device[device] < static_cast<int>(smem)) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
-    if (err != cudaSuccess) return err;
-    if (device < 64) set_per_device[device] = optin;
-  }
-  return cudaSuccess;
-}
-
 // The staged kernel when its slots fit at >= kDpMinCtasPerSm CTAs per SM (2 rows per warp, else 1);
 // cudaErrorNotSupported, having launched nothing, otherwise.
 template <int kCols>
